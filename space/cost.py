@@ -1,0 +1,82 @@
+"""Parameters and FLOPs, counted in one place: thop MACs x 2 at the stated input size (YOLOv5's convention).
+
+Counting runs on a weightless `meta` copy, so it costs milliseconds at any input size and never touches the
+model's device or weights. Two figures per model: `gflops` as built (train-time, multi-branch RepVGG blocks and
+BatchNorms) and `gflops_deploy` of the fused network that actually runs; budgets, Pareto columns and pruning
+targets use the deploy figure.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ImgSize = int | tuple[int, int]
+
+
+def _hw(imgsz: ImgSize) -> tuple[int, int]:
+    h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    if h < 1 or w < 1:
+        raise ValueError(f"imgsz must be positive, got {imgsz!r}")
+    return int(h), int(w)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_gflops(model: nn.Module, imgsz: ImgSize = 640, ch: int | None = None) -> float:
+    """GFLOPs of one forward pass at `imgsz` (int or (h, w)), batch 1: thop MACs x 2 / 1e9."""
+    from thop import profile  # heavy optional import, only where counted
+
+    h, w = _hw(imgsz)
+    if ch is None:
+        ch = int(getattr(model, "yaml", {}).get("ch", 3))
+    meta = copy.deepcopy(model).to("meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        macs, _ = profile(meta, inputs=(torch.zeros(1, ch, h, w, device="meta"),), verbose=False)
+    return 2 * float(macs) / 1e9
+
+
+def is_deploy(model: nn.Module) -> bool:
+    """True when no BatchNorm is left: every RepVGG block and Conv has been fused."""
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """Size and compute of a model as built and in its deploy (fused) form, at `imgsz`."""
+
+    params: int
+    gflops: float
+    params_deploy: int
+    gflops_deploy: float
+    imgsz: tuple[int, int]
+
+
+def model_cost(model: nn.Module, imgsz: ImgSize = 640) -> ModelCost:
+    """Cost of a built model; its deploy form is built weightless from `model.yaml` unless it is fused already."""
+    from space.builder import build_model
+
+    hw = _hw(imgsz)
+    params, gflops = count_params(model), count_gflops(model, hw)
+    if is_deploy(model):
+        return ModelCost(params, gflops, params, gflops, hw)
+    deploy = build_model(model.yaml, deploy=True, device="meta")
+    return ModelCost(params, gflops, count_params(deploy), count_gflops(deploy, hw), hw)
+
+
+def cfg_cost(cfg: str | Path | dict, imgsz: ImgSize = 640, nc: int | None = None) -> ModelCost:
+    """Cost of a model YAML (path or dict) without allocating weights."""
+    from space.builder import build_model
+
+    hw = _hw(imgsz)
+    built = build_model(cfg, nc=nc, device="meta")
+    deploy = build_model(cfg, nc=nc, deploy=True, device="meta")
+    return ModelCost(count_params(built), count_gflops(built, hw), count_params(deploy), count_gflops(deploy, hw), hw)

@@ -1,0 +1,467 @@
+"""The search space as data: a space YAML -> Space; an Optuna trial -> Arch; Arch -> YOLOv5 model YAML.
+
+An Arch is a RepVGG backbone of five stages (P1/2 .. P5/32), each one stride-2 block followed by depth-1
+stride-1 blocks of the same width (optionally with squeeze-excitation), under the seed design's PANet head
+(YOLOv5's head) whose Conv/C3 widths scale by `head_width` and whose C3s hold `head_depth` bottlenecks.
+`sample_arch` is the only code that calls `trial.suggest_*`; `Arch.from_params` inverts it.
+
+Space YAML (see spaces/default.yaml):
+
+    imgsz: 640                 # input size for cost and budget checks
+    nc: 80                     # classes assumed for cost checks
+    stages:                    # exactly P1..P5, in order
+      P1: {depth: [1], width: [32, 48, 64], se: false}
+      P2: {depth: [1, 2, 3], width: [32, 64, 96], se: [false, true]}   # se: searchable
+      ...
+    head: {width: [0.5, 1.0, 1.5], depth: [1, 2]}
+    budgets: {max_params: null, max_gflops: null}   # deploy figures at imgsz
+    extras:                    # non-architecture dimensions, sampled here too
+      prune_fraction: {choices: [0.0, 0.5]}      # or {low: 0.2, high: 0.8, step: 0.1}
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol
+
+from space.blocks import make_divisible
+from space.errors import SpaceConfigError
+from space.yamlio import format_model_yaml, read_yaml
+
+STAGE_NAMES = ("P1", "P2", "P3", "P4", "P5")
+SE_MIN_WIDTH = 32  # SE squeezes to width // 16: offered only where that leaves at least 2 neurons
+SEED_HEAD = (256, 256, 128, 128, 128, 256, 256, 512)  # the seed design's head Conv/C3 channels, in row order
+ANCHORS = [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]  # P3/8..P5/32
+MAX_DEPTH, MAX_WIDTH, MAX_HEAD_DEPTH = 64, 4096, 16
+
+
+class Trial(Protocol):
+    """The part of optuna.trial.Trial (or FixedTrial) that sampling uses."""
+
+    def suggest_categorical(self, name: str, choices: list) -> Any: ...
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
+                      log: bool = False) -> float: ...
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int: ...
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arch: what is built
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One backbone stage: `depth` RepVGG blocks of `width` output channels, the first with stride 2."""
+
+    depth: int
+    width: int
+    se: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or not 1 <= self.depth <= MAX_DEPTH:
+            raise SpaceConfigError(f"Stage: depth={self.depth!r} must be an integer in 1..{MAX_DEPTH}")
+        if (isinstance(self.width, bool) or not isinstance(self.width, int) or not 8 <= self.width <= MAX_WIDTH
+                or self.width % 8):
+            raise SpaceConfigError(
+                f"Stage: width={self.width!r} must be a multiple of 8 in 8..{MAX_WIDTH} (YOLOv5 rounds widths "
+                "up to multiples of 8, so other values would not build as written)"
+            )
+        if self.se and self.width < 16:
+            raise SpaceConfigError(f"Stage: SE needs width >= 16 (it squeezes to width // 16), got {self.width}")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A candidate architecture (P1..P5 stages + head options) and any non-architecture options (`extras`)."""
+
+    stages: tuple[Stage, ...]
+    head_width: float = 1.0
+    head_depth: int = 1
+    extras: tuple[tuple[str, Any], ...] = field(default=())
+
+    def __post_init__(self):
+        if len(self.stages) != len(STAGE_NAMES) or not all(isinstance(s, Stage) for s in self.stages):
+            raise SpaceConfigError(f"Arch: needs {len(STAGE_NAMES)} Stage objects (P1..P5), got {self.stages!r}")
+        if not (isinstance(self.head_width, (int, float)) and 0 < self.head_width <= 8):
+            raise SpaceConfigError(f"Arch: head_width={self.head_width!r} must be a number in (0, 8]")
+        if (isinstance(self.head_depth, bool) or not isinstance(self.head_depth, int)
+                or not 1 <= self.head_depth <= MAX_HEAD_DEPTH):
+            raise SpaceConfigError(f"Arch: head_depth={self.head_depth!r} must be an integer in 1..{MAX_HEAD_DEPTH}")
+        object.__setattr__(self, "extras", tuple(sorted(dict(self.extras).items())))
+
+    def extra(self, name: str, default: Any = None) -> Any:
+        return dict(self.extras).get(name, default)
+
+    @property
+    def head_channels(self) -> tuple[int, ...]:
+        return tuple(make_divisible(c * self.head_width, 8) for c in SEED_HEAD)
+
+    def to_params(self) -> dict[str, Any]:
+        """Optuna params that `from_params` turns back into this Arch (e.g. for `study.enqueue_trial`)."""
+        params: dict[str, Any] = {}
+        for name, stage in zip(STAGE_NAMES, self.stages):
+            params |= {f"{name}_depth": stage.depth, f"{name}_width": stage.width, f"{name}_se": stage.se}
+        params |= {"head_width": self.head_width, "head_depth": self.head_depth}
+        return params | dict(self.extras)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], space: Space) -> Arch:
+        """The Arch a trial's params describe (the inverse of `sample_arch`); checks every value is in the space."""
+        return _choose(space, _ParamsChooser(params, space.source))
+
+    def _rows(self, nc: int | str) -> tuple[list, list, dict[int, str]]:
+        backbone: list[list] = []
+        comments: dict[int, str] = {}
+        outputs: dict[str, int] = {}
+        for k, (name, stage) in enumerate(zip(STAGE_NAMES, self.stages)):
+            tail = [1, 1, 1, "zeros", False, True] if stage.se else []
+            comments[len(backbone)] = f"{name}/{2 ** (k + 1)}"
+            backbone.append([-1, 1, "RepVGGBlock", [stage.width, 3, 2, *tail]])
+            if stage.depth > 1:
+                backbone.append([-1, stage.depth - 1, "RepVGGBlock", [stage.width, 3, 1, *tail]])
+            outputs[name] = len(backbone) - 1
+        h, d, b = self.head_channels, self.head_depth, len(backbone)
+        up = [-1, 1, "nn.Upsample", ["None", 2, "nearest"]]
+        head = [
+            [-1, 1, "Conv", [h[0], 1, 1]],                      # b+0: lateral from P5
+            up,
+            [[-1, outputs["P4"]], 1, "Concat", [1]],
+            [-1, d, "C3", [h[1], False]],
+            [-1, 1, "Conv", [h[2], 1, 1]],                      # b+4: lateral from P4
+            list(up),
+            [[-1, outputs["P3"]], 1, "Concat", [1]],
+            [-1, d, "C3", [h[3], False]],                       # b+7: P3/8 out
+            [-1, 1, "Conv", [h[4], 3, 2]],
+            [[-1, b + 4], 1, "Concat", [1]],
+            [-1, d, "C3", [h[5], False]],                       # b+10: P4/16 out
+            [-1, 1, "Conv", [h[6], 3, 2]],
+            [[-1, b], 1, "Concat", [1]],
+            [-1, d, "C3", [h[7], False]],                       # b+13: P5/32 out
+            [[b + 7, b + 10, b + 13], 1, "Detect", [nc, "anchors"]],
+        ]
+        comments |= {b + 7: "P3/8-small", b + 10: "P4/16-medium", b + 13: "P5/32-large"}
+        return backbone, head, comments
+
+    def to_yaml(self, nc: int = 80) -> dict:
+        """The YOLOv5 model YAML (as a dict, as yaml.safe_load would return it) for `nc` classes."""
+        backbone, head, _ = self._rows("nc")
+        return {"nc": nc, "depth_multiple": 1.0, "width_multiple": 1.0, "anchors": [list(a) for a in ANCHORS],
+                "backbone": backbone, "head": head}
+
+    def to_yaml_text(self, nc: int = 80) -> str:
+        """`to_yaml` as YOLOv5-style text: flow rows with `# index-P3/8` comments and the Arch in the header."""
+        _, _, comments = self._rows("nc")
+        header = "repnas architecture: " + ", ".join(
+            f"{n} d{s.depth} w{s.width}{' se' if s.se else ''}" for n, s in zip(STAGE_NAMES, self.stages)
+        ) + f"; head width x{self.head_width:g}, C3 depth {self.head_depth}"
+        if self.extras:
+            header += "\noptions: " + ", ".join(f"{k}={v}" for k, v in self.extras)
+        return format_model_yaml(self.to_yaml(nc), header=header, comments=comments)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Space: what can be sampled
+
+
+@dataclass(frozen=True)
+class StageSpace:
+    name: str
+    depth: tuple[int, ...]
+    width: tuple[int, ...]
+    se: tuple[bool, ...]
+
+
+@dataclass(frozen=True)
+class ExtraDim:
+    """A non-architecture dimension: categorical `choices`, or a float/int range (`low`, `high`, `step`, `log`)."""
+
+    name: str
+    choices: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    default: Any = None
+
+    @property
+    def is_int(self) -> bool:
+        return self.choices is None and all(isinstance(v, int) for v in (self.low, self.high, self.step or 1))
+
+    def contains(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices and any(type(value) is type(c) for c in self.choices if c == value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
+            return False
+        if self.step:
+            k = (value - self.low) / self.step
+            return math.isclose(k, round(k), abs_tol=1e-9)
+        return True
+
+
+@dataclass(frozen=True)
+class Space:
+    """A loaded search space; `source` names its file in error messages."""
+
+    stages: tuple[StageSpace, ...]
+    head_width: tuple[float, ...]
+    head_depth: tuple[int, ...]
+    imgsz: int = 640
+    nc: int = 80
+    max_params: int | None = None
+    max_gflops: float | None = None
+    extras: tuple[ExtraDim, ...] = ()
+    source: str = "<space>"
+
+    def budget_violation(self, params: int, gflops: float) -> str | None:
+        """Why deploy `params`/`gflops` break this space's budgets, or None when within them."""
+        if self.max_params is not None and params > self.max_params:
+            return f"params {params:,} > max_params {self.max_params:,}"
+        if self.max_gflops is not None and gflops > self.max_gflops:
+            return f"GFLOPs {gflops:.2f} > max_gflops {self.max_gflops:g} at {self.imgsz}px"
+        return None
+
+
+DEFAULT_SPACE = "default"
+
+
+def default_space_path() -> Path:
+    return Path(str(resources.files("space.spaces").joinpath("default.yaml")))
+
+
+def _fail(where: str, field_: str, value: Any, rule: str) -> SpaceConfigError:
+    return SpaceConfigError(f"{where}: field '{field_}': {value!r:.80} {rule}")
+
+
+def _int_list(where: str, field_: str, value: Any, low: int, high: int) -> tuple[int, ...]:
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise _fail(where, field_, value, "is empty; give at least one choice")
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise _fail(where, field_, v, f"must be an integer in {low}..{high} (a value or a list of choices)")
+    if len(set(items)) != len(items):
+        raise _fail(where, field_, value, "repeats a choice; list each once")
+    return tuple(items)
+
+
+def _extra(where: str, name: str, spec: Any) -> ExtraDim:
+    at = f"extras.{name}"
+    if name in _RESERVED:
+        raise _fail(where, at, name, f"collides with an architecture parameter; rename it (reserved: {_RESERVED})")
+    if isinstance(spec, list):
+        spec = {"choices": spec}
+    if not isinstance(spec, dict):
+        raise _fail(where, at, spec, "must be a list of choices or {choices: [...]} or {low, high[, step, log]}")
+    unknown = set(spec) - {"choices", "low", "high", "step", "log", "default"}
+    if unknown:
+        raise _fail(where, at, sorted(unknown), "are unknown keys; use choices, low, high, step, log, default")
+    if "choices" in spec:
+        choices = spec["choices"]
+        if not isinstance(choices, list) or not choices or not all(
+            c is None or isinstance(c, (bool, int, float, str)) for c in choices
+        ):
+            raise _fail(where, f"{at}.choices", choices, "must be a non-empty list of numbers, strings or booleans")
+        dim = ExtraDim(name, choices=tuple(choices), default=spec.get("default", choices[0]))
+    else:
+        low, high, step, log = spec.get("low"), spec.get("high"), spec.get("step"), spec.get("log", False)
+        for key, v in (("low", low), ("high", high)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise _fail(where, f"{at}.{key}", v, "must be a finite number")
+        if low > high:
+            raise SpaceConfigError(f"{where}: field '{at}': `low <= high` must hold, but got ({low=}, {high=})")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0):
+            raise _fail(where, f"{at}.step", step, "must be a positive number")
+        if not isinstance(log, bool) or (log and (low <= 0 or step is not None)):
+            raise _fail(where, f"{at}.log", log, "must be true/false; log needs low > 0 and no step")
+        dim = ExtraDim(name, low=low, high=high, step=step, log=log, default=spec.get("default", low))
+    if not dim.contains(dim.default):
+        raise _fail(where, f"{at}.default", dim.default, "is not one of the dimension's values")
+    return dim
+
+
+_RESERVED = (*(f"{n}_{k}" for n in STAGE_NAMES for k in ("depth", "width", "se")), "head_width", "head_depth")
+_SPACE_KEYS = ("imgsz", "nc", "stages", "head", "budgets", "extras")
+
+
+def parse_space(data: Any, where: str = "<space dict>") -> Space:
+    """Validate a space mapping (as loaded from YAML) into a Space."""
+    if not isinstance(data, dict):
+        raise SpaceConfigError(f"{where}: a space YAML is a mapping with stages and head; got {type(data).__name__}")
+    unknown = [k for k in data if k not in _SPACE_KEYS]
+    if unknown:
+        raise _fail(where, unknown[0], unknown[0], f"is not a space field; known: {', '.join(_SPACE_KEYS)}")
+    imgsz = data.get("imgsz", 640)
+    if isinstance(imgsz, bool) or not isinstance(imgsz, int) or not 32 <= imgsz <= 8192 or imgsz % 32:
+        raise _fail(where, "imgsz", imgsz, "must be a multiple of 32 in 32..8192")
+    nc = data.get("nc", 80)
+    if isinstance(nc, bool) or not isinstance(nc, int) or nc < 1:
+        raise _fail(where, "nc", nc, "must be a positive integer (classes assumed for cost checks)")
+    stages = data.get("stages")
+    if not isinstance(stages, dict) or list(stages) != list(STAGE_NAMES):
+        raise _fail(where, "stages", list(stages) if isinstance(stages, dict) else stages,
+                    f"must map exactly {', '.join(STAGE_NAMES)}, in that order, to {{depth, width, se}}")
+    stage_spaces = []
+    for name, spec in stages.items():
+        at = f"stages.{name}"
+        if not isinstance(spec, dict) or set(spec) - {"depth", "width", "se"} or not {"depth", "width"} <= set(spec):
+            raise _fail(where, at, spec, "must be a mapping with depth, width and optional se")
+        depth = _int_list(where, f"{at}.depth", spec["depth"], 1, MAX_DEPTH)
+        width = _int_list(where, f"{at}.width", spec["width"], 8, MAX_WIDTH)
+        for w in width:
+            if w % 8:
+                raise _fail(where, f"{at}.width", w, f"is not a multiple of 8 (YOLOv5 would build "
+                                                     f"{make_divisible(w, 8)}); use multiples of 8")
+        se_raw = spec.get("se", False)
+        se_items = se_raw if isinstance(se_raw, list) else [se_raw]
+        if not se_items or not all(isinstance(v, bool) for v in se_items) or len(set(se_items)) != len(se_items):
+            raise _fail(where, f"{at}.se", se_raw, "must be true, false or [false, true] (searchable)")
+        if se_items == [True] and min(width) < SE_MIN_WIDTH:
+            raise _fail(where, f"{at}.se", True, f"needs every width >= {SE_MIN_WIDTH} (SE squeezes to width/16), "
+                                                 f"but width offers {min(width)}; make se searchable or drop it")
+        stage_spaces.append(StageSpace(name, depth, width, tuple(se_items)))
+    head = data.get("head", {"width": [1.0], "depth": [1]})
+    if not isinstance(head, dict) or set(head) - {"width", "depth"}:
+        raise _fail(where, "head", head, "must be a mapping with width (factors) and depth (C3 bottlenecks)")
+    hw_raw = head.get("width", [1.0])
+    hw_items = hw_raw if isinstance(hw_raw, list) else [hw_raw]
+    if not hw_items or not all(
+        not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v <= 8 for v in hw_items
+    ) or len(set(hw_items)) != len(hw_items):
+        raise _fail(where, "head.width", hw_raw, "must be distinct numbers in (0, 8] (factors on the seed head)")
+    head_depth = _int_list(where, "head.depth", head.get("depth", [1]), 1, MAX_HEAD_DEPTH)
+    budgets = data.get("budgets") or {}
+    if not isinstance(budgets, dict) or set(budgets) - {"max_params", "max_gflops"}:
+        raise _fail(where, "budgets", budgets, "must be a mapping with max_params and/or max_gflops")
+    for key in ("max_params", "max_gflops"):
+        v = budgets.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+            raise _fail(where, f"budgets.{key}", v, "must be a positive number or null")
+    extras = data.get("extras") or {}
+    if not isinstance(extras, dict):
+        raise _fail(where, "extras", extras, "must be a mapping of name -> choices or range")
+    return Space(
+        stages=tuple(stage_spaces), head_width=tuple(float(v) for v in hw_items), head_depth=head_depth,
+        imgsz=imgsz, nc=nc,
+        max_params=None if budgets.get("max_params") is None else int(budgets["max_params"]),
+        max_gflops=None if budgets.get("max_gflops") is None else float(budgets["max_gflops"]),
+        extras=tuple(_extra(where, str(k), v) for k, v in extras.items()), source=where,
+    )
+
+
+def load_space(path: str | Path | None = None) -> Space:
+    """Load a space YAML; None or "default" loads the built-in default space."""
+    if path is None or str(path) == DEFAULT_SPACE:
+        path = default_space_path()
+    return parse_space(read_yaml(path), str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling and its inverse share one walk over the space, so they cannot drift apart.
+
+
+class _Chooser(Protocol):
+    def categorical(self, name: str, choices: tuple) -> Any: ...
+    def extra(self, dim: ExtraDim) -> Any: ...
+
+
+class _TrialChooser:
+    def __init__(self, trial: Trial):
+        self.trial = trial
+
+    def categorical(self, name: str, choices: tuple) -> Any:
+        return choices[0] if len(choices) == 1 else self.trial.suggest_categorical(name, list(choices))
+
+    def extra(self, dim: ExtraDim) -> Any:
+        if dim.choices is not None:
+            return self.categorical(dim.name, dim.choices)
+        if dim.is_int:
+            return self.trial.suggest_int(dim.name, dim.low, dim.high, step=dim.step or 1, log=dim.log)
+        return self.trial.suggest_float(dim.name, dim.low, dim.high, step=dim.step, log=dim.log)
+
+
+class _ParamsChooser:
+    def __init__(self, params: dict[str, Any], where: str):
+        self.params, self.where, self.used = dict(params), where, set()
+
+    def _get(self, name: str) -> Any:
+        if name not in self.params:
+            raise SpaceConfigError(f"{self.where}: params lack {name!r}; they come from another space or study")
+        self.used.add(name)
+        return self.params[name]
+
+    def categorical(self, name: str, choices: tuple) -> Any:
+        if len(choices) == 1 and name not in self.params:
+            return choices[0]
+        value = self._get(name)
+        if not any(value == c and type(value) is type(c) for c in choices):
+            raise SpaceConfigError(
+                f"{self.where}: param {name}={value!r} is not in the space's choices {list(choices)}"
+            )
+        return value
+
+    def extra(self, dim: ExtraDim) -> Any:
+        if dim.choices is not None:
+            return self.categorical(dim.name, dim.choices)
+        value = self._get(dim.name)
+        if not dim.contains(value):
+            raise SpaceConfigError(f"{self.where}: param {dim.name}={value!r} is outside {dim.low}..{dim.high}")
+        return value
+
+
+def _choose(space: Space, chooser: _Chooser) -> Arch:
+    stages = []
+    for st in space.stages:
+        depth = chooser.categorical(f"{st.name}_depth", st.depth)
+        width = chooser.categorical(f"{st.name}_width", st.width)
+        se = chooser.categorical(f"{st.name}_se", st.se) if width >= SE_MIN_WIDTH else False
+        stages.append(Stage(depth, width, se))
+    head_width = chooser.categorical("head_width", space.head_width)
+    head_depth = chooser.categorical("head_depth", space.head_depth)
+    extras = tuple((dim.name, chooser.extra(dim)) for dim in space.extras)
+    if isinstance(chooser, _ParamsChooser):
+        unused = set(chooser.params) - chooser.used
+        # a fixed (single-choice) dimension may be present or absent; anything else is foreign
+        fixed = {f"{s.name}_{k}" for s in space.stages for k in ("depth", "width", "se")} | {"head_width",
+                                                                                           "head_depth"}
+        foreign = sorted(unused - fixed)
+        if foreign:
+            raise SpaceConfigError(f"{chooser.where}: params {foreign} are not dimensions of this space")
+    return Arch(tuple(stages), float(head_width), head_depth, extras)
+
+
+def sample_arch(trial: Trial, space: Space) -> Arch:
+    """Sample an Arch with `trial.suggest_*` (the only place that does). Single-choice dimensions are not
+    suggested; SE is suggested only for stage widths >= 32."""
+    return _choose(space, _TrialChooser(trial))
+
+
+def seed_arch(space: Space | None = None) -> Arch:
+    """The hand design of ../shared/reference/seed_model.yaml (stage depths 1-2-4-14-1, widths 64-64-128-256-512,
+    no SE, the seed head); extras take their defaults. Raises if `space` does not contain it."""
+    arch = Arch(
+        stages=(Stage(1, 64), Stage(2, 64), Stage(4, 128), Stage(14, 256), Stage(1, 512)),
+        head_width=1.0, head_depth=1,
+        extras=tuple((dim.name, dim.default) for dim in (space.extras if space else ())),
+    )
+    if space is not None:
+        try:
+            Arch.from_params(arch.to_params(), space)
+        except SpaceConfigError as err:
+            raise SpaceConfigError(f"the seed design is not a point of this space: {err}; add its values to the "
+                                   "space or give the study another baseline") from None
+    return arch
+
+
+def arch_cost(arch: Arch, imgsz: int, nc: int = 80, *, deploy: bool = True) -> tuple[int, float]:
+    """(params, GFLOPs) of `arch` at `imgsz` without training or allocating weights.
+
+    Deploy (fused) figures by default: they are what budgets, tables and pruning targets use. `deploy=False`
+    gives the as-built (train-time) figures YOLOv5 prints.
+    """
+    from space.builder import build_model
+    from space.cost import count_gflops, count_params
+
+    model = build_model(arch.to_yaml(nc), deploy=deploy, device="meta")
+    return count_params(model), count_gflops(model, imgsz)

@@ -1,0 +1,153 @@
+"""Guarded YAML reading and YOLOv5-style YAML writing.
+
+Reading never evaluates anything (PyYAML's safe loader) and fails fast on hostile input: the file size, the
+size of the document once aliases are expanded, its nesting depth and recursive aliases are all bounded
+before any Python object is built. Writing returns text; the caller decides where it goes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from space.errors import ConfigError
+
+MAX_FILE_BYTES = 1 << 20  # 1 MiB: model and space YAMLs are a few KiB
+MAX_EXPANDED_NODES = 200_000  # scalars + collections after alias expansion
+MAX_DEPTH = 32
+
+
+def _expanded_size(root: yaml.Node, where: str) -> int:
+    """Node count of the document with every alias expanded, computed without expanding (memoised)."""
+    sizes: dict[int, int] = {}
+    depths: dict[int, int] = {}
+    in_progress: set[int] = set()
+
+    def visit(node: yaml.Node, depth: int) -> int:
+        key = id(node)
+        if key in in_progress:
+            raise ConfigError(f"{where}: recursive YAML alias (a node contains itself); write the data out plainly")
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{where}: YAML nested deeper than {MAX_DEPTH} levels; flatten the document")
+        if key in sizes and depths[key] >= depth:
+            return sizes[key]
+        in_progress.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = []
+        for child in children:
+            total += visit(child, depth + 1)
+            if total > MAX_EXPANDED_NODES:
+                in_progress.discard(key)
+                raise ConfigError(
+                    f"{where}: YAML expands to more than {MAX_EXPANDED_NODES:,} nodes (an alias bomb?); "
+                    "write the data out plainly without nested aliases"
+                )
+        in_progress.discard(key)
+        sizes[key], depths[key] = total, max(depth, depths.get(key, 0))
+        return total
+
+    return visit(root, 0)
+
+
+def parse_yaml_text(text: str, where: str) -> Any:
+    """Parse YAML text safely with limits; `where` names the source in error messages."""
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError(f"{where}: {len(text):,} characters of YAML is over the {MAX_FILE_BYTES:,} limit")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is None:
+            return None
+        _expanded_size(node, where)
+        return yaml.load(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML{at}: {problem}; fix the syntax") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply; flatten the document") from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Read a YAML file safely (size, alias and depth limits; UTF-8 only)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; check the path") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror}); check the path and permissions") from None
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a YAML file; name the .yaml file inside it")
+    if size > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: {size:,} bytes is over the {MAX_FILE_BYTES:,}-byte limit for a YAML file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); save the file as UTF-8"
+        ) from None
+    return parse_yaml_text(text, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing model YAMLs the way YOLOv5's own files look: flow-style rows, stride comments.
+
+_BARE_STRINGS = {"None", "nc", "anchors"}  # names YOLOv5 resolves; written unquoted as in its YAMLs
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if value is None:
+        return "None"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        if value in _BARE_STRINGS:
+            return value
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_scalar(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} into a model YAML")
+
+
+def _row(row: list) -> str:
+    src, number, module, args = row
+    return f"[{_scalar(src)}, {number}, {module}, {_scalar(list(args))}]"
+
+
+def format_model_yaml(cfg: dict, header: str = "", comments: dict[int, str] | None = None) -> str:
+    """YOLOv5-style text for a model dict (rows in flow style, `# i-P3/8` comments from `comments`)."""
+    comments = comments or {}
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    for key, value in cfg.items():
+        if key in ("backbone", "head", "anchors"):
+            continue
+        lines.append(f"{key}: {_scalar(value)}")
+    anchors = cfg.get("anchors")
+    if isinstance(anchors, list):
+        lines.append("anchors:")
+        lines += [f"  - {_scalar(level)}" for level in anchors]
+    elif anchors is not None:
+        lines.append(f"anchors: {anchors}")
+    index = 0
+    for part in ("backbone", "head"):
+        rows = cfg.get(part, [])
+        lines.append(f"{part}:")
+        lines.append("  # [from, number, module, args]")
+        for k, row in enumerate(rows):
+            opener = "  [" if k == 0 else "   "
+            note = f"  # {index}-{comments[index]}" if index in comments else f"  # {index}"
+            lines.append(f"{opener}{_row(row)},{note}")
+            index += 1
+        lines.append("  ]" if rows else "  []")
+    return "\n".join(lines) + "\n"
