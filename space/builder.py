@@ -292,7 +292,7 @@ def _from_indices(src: Any, i: int, at: str) -> int | list[int]:
 def _load_cfg(cfg: str | Path | dict) -> tuple[dict, str]:
     if isinstance(cfg, (str, Path)):
         where = str(cfg)
-        data = read_yaml(cfg)
+        data = read_yaml(cfg, ModelConfigError)
     elif isinstance(cfg, dict):
         where, data = "<model dict>", cfg
     else:
@@ -473,8 +473,7 @@ def _probe(layers: Sequence[nn.Module], plans: Sequence[_Plan], ch: int) -> list
             return [t.shape[-2] for t in x]
         try:
             with torch.no_grad():
-                x = layer.eval()(x)  # eval: BatchNorm's train-mode meta kernel is slow
-            layer.train()
+                x = layer(x)
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
             shapes = [tuple(t.shape) for t in x] if isinstance(x, list) else tuple(x.shape)
             raise ModelConfigError(
@@ -522,7 +521,13 @@ def build_model(cfg: str | Path | dict, nc: int | None = None, ch: int = 3, *, d
     if params > MAX_PARAMS:
         raise ModelConfigError(f"{where}: the model would have {params:,} parameters, over the limit of "
                                f"{MAX_PARAMS:,}; reduce widths, depths or the multiples")
-    heights = _probe(meta_layers, plans, ch)
+    if not deploy:  # probe shapes on the deploy form: the same shapes, without BatchNorm's slow meta kernel
+        plans_deploy, _ = _plan_layers(d, where, ch, deploy=True)
+        with torch.device("meta"):
+            probe_layers = [_construct(p) for p in plans_deploy]
+    else:
+        probe_layers = meta_layers
+    heights = _probe(probe_layers, plans, ch)
     strides = [PROBE_SIZE / h for h in heights]
 
     if device is not None and torch.device(device).type == "meta":

@@ -30,17 +30,35 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class _ShapeOnlyBatchNorm(nn.BatchNorm2d):
+    """Stands in for a BatchNorm in the meta copy: same shape and the same thop count, no meta kernel (slow)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _stub_batchnorms(model: nn.Module) -> None:
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                stub = _ShapeOnlyBatchNorm(child.num_features, affine=child.affine, device="meta")
+                setattr(module, name, stub)
+
+
 def count_gflops(model: nn.Module, imgsz: ImgSize = 640, ch: int | None = None) -> float:
     """GFLOPs of one forward pass at `imgsz` (int or (h, w)), batch 1: thop MACs x 2 / 1e9."""
-    from thop import profile  # heavy optional import, only where counted
-
     h, w = _hw(imgsz)
     if ch is None:
         ch = int(getattr(model, "yaml", {}).get("ch", 3))
     meta = copy.deepcopy(model).to("meta")
+    _stub_batchnorms(meta)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        macs, _ = profile(meta, inputs=(torch.zeros(1, ch, h, w, device="meta"),), verbose=False)
+        warnings.simplefilter("ignore")  # thop warns about distutils on import and about unknown modules
+        from thop import profile  # heavy import, only where counted
+        from thop.vision.basic_hooks import count_normalization
+
+        macs, _ = profile(meta, inputs=(torch.zeros(1, ch, h, w, device="meta"),), verbose=False,
+                          custom_ops={_ShapeOnlyBatchNorm: count_normalization})
     return 2 * float(macs) / 1e9
 
 

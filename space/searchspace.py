@@ -354,7 +354,7 @@ def load_space(path: str | Path | None = None) -> Space:
     """Load a space YAML; None or "default" loads the built-in default space."""
     if path is None or str(path) == DEFAULT_SPACE:
         path = default_space_path()
-    return parse_space(read_yaml(path), str(path))
+    return parse_space(read_yaml(path, SpaceConfigError), str(path))
 
 
 # ---------------------------------------------------------------------------------------------------------------

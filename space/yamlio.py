@@ -19,7 +19,7 @@ MAX_EXPANDED_NODES = 200_000  # scalars + collections after alias expansion
 MAX_DEPTH = 32
 
 
-def _expanded_size(root: yaml.Node, where: str) -> int:
+def _expanded_size(root: yaml.Node, where: str, error: type[ConfigError]) -> int:
     """Node count of the document with every alias expanded, computed without expanding (memoised)."""
     sizes: dict[int, int] = {}
     depths: dict[int, int] = {}
@@ -28,9 +28,9 @@ def _expanded_size(root: yaml.Node, where: str) -> int:
     def visit(node: yaml.Node, depth: int) -> int:
         key = id(node)
         if key in in_progress:
-            raise ConfigError(f"{where}: recursive YAML alias (a node contains itself); write the data out plainly")
+            raise error(f"{where}: recursive YAML alias (a node contains itself); write the data out plainly")
         if depth > MAX_DEPTH:
-            raise ConfigError(f"{where}: YAML nested deeper than {MAX_DEPTH} levels; flatten the document")
+            raise error(f"{where}: YAML nested deeper than {MAX_DEPTH} levels; flatten the document")
         if key in sizes and depths[key] >= depth:
             return sizes[key]
         in_progress.add(key)
@@ -45,7 +45,7 @@ def _expanded_size(root: yaml.Node, where: str) -> int:
             total += visit(child, depth + 1)
             if total > MAX_EXPANDED_NODES:
                 in_progress.discard(key)
-                raise ConfigError(
+                raise error(
                     f"{where}: YAML expands to more than {MAX_EXPANDED_NODES:,} nodes (an alias bomb?); "
                     "write the data out plainly without nested aliases"
                 )
@@ -56,46 +56,46 @@ def _expanded_size(root: yaml.Node, where: str) -> int:
     return visit(root, 0)
 
 
-def parse_yaml_text(text: str, where: str) -> Any:
-    """Parse YAML text safely with limits; `where` names the source in error messages."""
+def parse_yaml_text(text: str, where: str, error: type[ConfigError] = ConfigError) -> Any:
+    """Parse YAML text safely with limits; `where` names the source in error messages, raised as `error`."""
     if len(text) > MAX_FILE_BYTES:
-        raise ConfigError(f"{where}: {len(text):,} characters of YAML is over the {MAX_FILE_BYTES:,} limit")
+        raise error(f"{where}: {len(text):,} characters of YAML is over the {MAX_FILE_BYTES:,} limit")
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         if node is None:
             return None
-        _expanded_size(node, where)
+        _expanded_size(node, where, error)
         return yaml.load(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{where}: not valid YAML{at}: {problem}; fix the syntax") from None
+        raise error(f"{where}: not valid YAML{at}: {problem}; fix the syntax") from None
     except RecursionError:
-        raise ConfigError(f"{where}: YAML nested too deeply; flatten the document") from None
+        raise error(f"{where}: YAML nested too deeply; flatten the document") from None
 
 
-def read_yaml(path: str | Path) -> Any:
-    """Read a YAML file safely (size, alias and depth limits; UTF-8 only)."""
+def read_yaml(path: str | Path, error: type[ConfigError] = ConfigError) -> Any:
+    """Read a YAML file safely (size, alias and depth limits; UTF-8 only); failures raise `error`."""
     path = Path(path)
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file; check the path") from None
+        raise error(f"{path}: no such file; check the path") from None
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read ({err.strerror}); check the path and permissions") from None
+        raise error(f"{path}: cannot read ({err.strerror}); check the path and permissions") from None
     if path.is_dir():
-        raise ConfigError(f"{path}: is a folder, not a YAML file; name the .yaml file inside it")
+        raise error(f"{path}: is a folder, not a YAML file; name the .yaml file inside it")
     if size > MAX_FILE_BYTES:
-        raise ConfigError(f"{path}: {size:,} bytes is over the {MAX_FILE_BYTES:,}-byte limit for a YAML file")
+        raise error(f"{path}: {size:,} bytes is over the {MAX_FILE_BYTES:,}-byte limit for a YAML file")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(
+        raise error(
             f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); save the file as UTF-8"
         ) from None
-    return parse_yaml_text(text, str(path))
+    return parse_yaml_text(text, str(path), error)
 
 
 # ---------------------------------------------------------------------------------------------------------------
