@@ -94,6 +94,149 @@ def cmd_space_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setup_logging(quiet: bool = False) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def _data_path(data: str | None) -> Path:
+    from nas.synth import default_dataset
+
+    if data:
+        return Path(data)
+    path = default_dataset()
+    print(f"no --data: using the built-in synthetic dataset {path}", file=sys.stderr)
+    return path
+
+
+def _fresh_dir(base: Path) -> Path:
+    out, k = base, 2
+    while out.exists():
+        out = base.with_name(f"{base.name}-{k}")
+        k += 1
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a model YAML on a dataset (proxy settings), evaluate it, and write weights and metrics."""
+    import csv
+    import io
+    import json
+
+    import torch
+
+    from nas.data import load_data_config
+    from nas.files import write_bytes_atomic, write_text_atomic
+    from nas.train import ProxyConfig, fit
+    from space.builder import build_model
+    from space.cost import model_cost
+    from space.yamlio import format_model_yaml
+
+    _setup_logging(args.quiet)
+    data = load_data_config(_data_path(args.data))
+    changes = {k: v for k, v in (("epochs", args.epochs), ("imgsz", args.imgsz), ("batch", args.batch),
+                                   ("device", args.device), ("workers", args.workers)) if v is not None}
+    try:
+        cfg = ProxyConfig(quiet=args.quiet, **changes)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    model = build_model(args.model, nc=data.nc)
+    cost = model_cost(model, cfg.imgsz)
+    out = Path(args.out) if args.out else _fresh_dir(Path("results") / "train" / Path(args.model).stem)
+    out.mkdir(parents=True, exist_ok=True)
+    result = fit(model, data, cfg)
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    write_bytes_atomic(out / "weights.pt", buffer.getvalue())
+    write_text_atomic(out / "model.yaml", format_model_yaml(model.yaml | {"nc": data.nc},
+                                                            header=f"trained by repnas on {data.source}"))
+    rows = io.StringIO()
+    fields = ["epoch", "box", "obj", "cls", "lr", "map50_95", "map50", "train_seconds"]
+    writer = csv.DictWriter(rows, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(result.history)
+    write_text_atomic(out / "epochs.csv", rows.getvalue())
+    metrics = {
+        "map50_95": result.metrics.map50_95, "map50": result.metrics.map50, "params": cost.params,
+        "gflops": cost.gflops, "params_deploy": cost.params_deploy, "gflops_deploy": cost.gflops_deploy,
+        "epochs": len(result.history), "imgsz": cfg.imgsz, "train_seconds": result.seconds,
+        "data": str(data.source), "device": str(next(model.parameters()).device), "proxy": cfg.to_dict(),
+    }
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, default=str))
+    print(f"{'epochs':>6} {'imgsz':>5} {'params':>12} {'GFLOPs':>7} {'mAP50':>7} {'mAP50-95':>9} {'seconds':>8}")
+    print(f"{len(result.history):>6} {cfg.imgsz:>5} {cost.params:>12,} {cost.gflops_deploy:>7.2f} "
+          f"{result.metrics.map50:>7.4f} {result.metrics.map50_95:>9.4f} {result.seconds:>8.1f}")
+    print(f"wrote {out}/weights.pt, model.yaml, epochs.csv, metrics.json (GFLOPs: deploy, at {cfg.imgsz}px)")
+    return 0
+
+
+def read_state(weights: str | Path) -> dict:
+    """A weights-only state_dict from `weights`; pickled objects are refused, never run."""
+    import warnings
+
+    import torch
+
+    path = Path(weights)
+    if not path.is_file():
+        raise UsageError(f"--weights {path}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on foreign pickle protocols: the refusal below says it
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling refusal or corruption is a fault of the file
+        raise UsageError(f"--weights {path}: not a weights-only state_dict ({str(err).splitlines()[0]:.120}); "
+                         "save model.state_dict() with torch.save") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"--weights {path}: expected a state_dict (name -> tensor)")
+    return state
+
+
+def load_weights(model_yaml: str | Path, state: dict, nc: int | None = None, source: str = "weights"):
+    """Build MODEL.yaml (its deploy form when `state` is fused) and load `state` into it."""
+    from space.builder import build_model
+
+    fused = not any(".bn." in k or k.endswith("rbr_dense.conv.weight") for k in state)
+    model = build_model(model_yaml, nc=nc, deploy=fused)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:200]
+        raise UsageError(f"{source} do not fit {model_yaml}: {detail}") from None
+    return model
+
+
+def cmd_val(args: argparse.Namespace) -> int:
+    """Evaluate weights on a dataset's val split (COCO mAP50-95 and mAP50)."""
+    from nas.data import load_data_config
+    from nas.evaluate import evaluate
+    from nas.train import resolve_device
+
+    _setup_logging(args.quiet)
+    state = read_state(args.weights)
+    data = load_data_config(_data_path(args.data))
+    model = load_weights(args.model, state, nc=data.nc, source=f"--weights {args.weights}")
+    device = resolve_device(args.device)
+    model.to(device)
+    metrics = evaluate(model, data, args.imgsz, batch=args.batch, device=device)
+    print(f"{'images':>6} {'boxes':>6} {'mAP50':>7} {'mAP50-95':>9}")
+    print(f"{metrics.images:>6} {metrics.boxes:>6} {metrics.map50:>7.4f} {metrics.map50_95:>9.4f}")
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    """Write the deterministic synthetic shapes dataset (YOLO format) into OUT."""
+    from nas.synth import SynthConfig, make_synthetic
+
+    try:
+        cfg = SynthConfig(images=args.images, classes=args.classes, imgsz=args.imgsz, seed=args.seed)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    path = make_synthetic(args.out, cfg)
+    print(f"wrote {cfg.images} images ({cfg.classes} classes, {cfg.imgsz}px) and {path}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -120,6 +263,39 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--nc", type=_positive_int, default=None, help="classes in the written YAMLs (default: space's)")
     s.add_argument("--out", required=True, help="folder to write the YAMLs into")
     s.set_defaults(func=cmd_space_sample)
+
+    p = sub.add_parser("train", help="train and evaluate a model YAML (proxy settings)", description=cmd_train.__doc__)
+    p.add_argument("model", metavar="MODEL.yaml", help="YOLOv5-format model YAML")
+    p.add_argument("--data", help="data.yaml (default: the built-in synthetic dataset)")
+    p.add_argument("--epochs", type=_positive_int, help="epochs (default: the proxy's)")
+    p.add_argument("--imgsz", type=_imgsz, help="training and validation size (default: the proxy's)")
+    p.add_argument("--batch", type=_positive_int, help="batch size (default: the proxy's)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--workers", type=int, help="data loader workers (default: 0 on CPU, up to 8 on CUDA)")
+    p.add_argument("--out", help="output folder (default: results/train/MODEL[-N])")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info lines")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("val", help="evaluate weights on a val split", description=cmd_val.__doc__)
+    p.add_argument("model", metavar="MODEL.yaml", help="YOLOv5-format model YAML the weights belong to")
+    p.add_argument("--weights", required=True, help="state_dict file (train-time or fused)")
+    p.add_argument("--data", help="data.yaml (default: the built-in synthetic dataset)")
+    p.add_argument("--imgsz", type=_imgsz, default=160, help="input size (default 160)")
+    p.add_argument("--batch", type=_positive_int, default=32, help="batch size (default 32)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_val)
+
+    p = sub.add_parser("data", help="datasets", description="Datasets.")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    data_sub.required = True
+    s = data_sub.add_parser("synth", help="write the synthetic shapes dataset", description=cmd_data_synth.__doc__)
+    s.add_argument("out", metavar="OUT", help="folder to write into")
+    s.add_argument("--images", type=int, default=400, help="number of images (default 400)")
+    s.add_argument("--classes", type=int, default=4, help="number of shape classes, 1..8 (default 4)")
+    s.add_argument("--imgsz", type=int, default=160, help="image size (default 160)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.set_defaults(func=cmd_data_synth)
     return parser
 
 

@@ -91,3 +91,12 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / a.norm())
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny test models run fastest on one thread, and a busy 2-core machine punishes OpenMP spin-waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,631 @@
+"""YOLO-format datasets: data.yaml, a checked and cached index of images and labels, letterboxing, augmentation.
+
+Layout (ultralytics/YOLOv5): `data.yaml` with `path`, `train`, `val` (a folder, a list of folders, or a .txt list
+of image paths), `names` (a list or a {index: name} dict) and optional `nc`; labels `class cx cy w h` (normalised)
+in `labels/...txt` beside `images/...`. Every image and label file is checked once (decodes, EXIF orientation,
+size, finite in-range labels) and the result is cached as JSON in a user cache folder keyed on file sizes and
+mtimes, never beside the data (which may be read-only). Bad files are skipped with a warning naming the file and
+the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+
+from space.errors import ConfigError
+from space.yamlio import read_yaml
+
+LOG = logging.getLogger("repnas.data")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".mpo"}
+MIN_IMAGE_PX = 10
+BOX_OVERSHOOT = 0.01  # normalised coordinates up to 1% outside the image are clipped; more is an error
+CACHE_VERSION = 1
+PAD_VALUE = 114  # YOLOv5's letterbox grey
+
+
+class DataError(ConfigError):
+    """A dataset that cannot be used: missing folders, a split with no usable image, names/nc disagreement."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data.yaml
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A resolved data.yaml: where the data is, the image files of each split, and the class names."""
+
+    source: Path
+    root: Path
+    train: tuple[Path, ...]
+    val: tuple[Path, ...]
+    names: tuple[str, ...]
+
+    @property
+    def nc(self) -> int:
+        return len(self.names)
+
+
+def _names(raw, where: str) -> tuple[str, ...]:
+    if isinstance(raw, list):
+        if not raw:
+            raise DataError(f"{where}: field 'names': empty list; give one name per class")
+        return tuple(str(n) for n in raw)
+    if isinstance(raw, dict):
+        keys = sorted(raw)
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in keys) or keys != list(range(len(keys))):
+            raise DataError(f"{where}: field 'names': keys {keys[:10]} must be the class indices 0..{len(keys) - 1}")
+        if not keys:
+            raise DataError(f"{where}: field 'names': empty mapping; give one name per class")
+        return tuple(str(raw[k]) for k in keys)
+    raise DataError(f"{where}: field 'names': {raw!r:.60} must be a list of names or an {{index: name}} mapping")
+
+
+def _resolve_root(raw, yaml_path: Path) -> Path:
+    if raw is None:
+        return yaml_path.parent
+    if not isinstance(raw, str):
+        raise DataError(f"{yaml_path}: field 'path': {raw!r} must be a folder path")
+    path = Path(raw).expanduser()
+    if path.is_absolute():
+        return path
+    beside = (yaml_path.parent / path).resolve()
+    if beside.is_dir():
+        LOG.debug("%s: path %r resolved against the data.yaml's folder: %s", yaml_path, raw, beside)
+        return beside
+    cwd = (Path.cwd() / path).resolve()
+    if cwd.is_dir():
+        LOG.info("%s: path %r is not beside the data.yaml; using the working directory's %s", yaml_path, raw, cwd)
+        return cwd
+    return beside
+
+
+def _list_split(entry, root: Path, where: str, split: str) -> tuple[Path, ...]:
+    entries = entry if isinstance(entry, list) else [entry]
+    files: list[Path] = []
+    for item in entries:
+        if not isinstance(item, str) or not item:
+            raise DataError(f"{where}: field '{split}': {item!r} must be a folder, a .txt list or a list of them")
+        path = Path(item).expanduser()
+        path = path if path.is_absolute() else root / path
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.suffix == ".txt" and path.is_file():
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                line = line.strip()
+                if line:
+                    p = Path(line)
+                    files.append(p if p.is_absolute() else (path.parent / p if line.startswith("./") else root / p))
+        elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            files.append(path)
+        else:
+            raise DataError(
+                f"{where}: field '{split}': {path} does not exist; fix `{split}` (relative to `path`: {root})"
+            )
+    return tuple(files)
+
+
+def load_data_config(path: str | Path) -> DataConfig:
+    """Read and resolve a data.yaml (ultralytics/YOLOv5 format)."""
+    path = Path(path)
+    d = read_yaml(path, DataError)
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: a data.yaml is a mapping with path, train, val and names")
+    for key in ("train", "val", "names"):
+        if key not in d:
+            raise DataError(f"{path}: field '{key}' is missing; a data.yaml needs train, val and names")
+    names = _names(d["names"], str(path))
+    if "nc" in d and d["nc"] != len(names):
+        raise DataError(
+            f"{path}: field 'nc': {d['nc']!r} but names lists {len(names)} classes; make them agree (or drop nc)"
+        )
+    root = _resolve_root(d.get("path"), path)
+    train = _list_split(d["train"], root, str(path), "train")
+    val = _list_split(d["val"], root, str(path), "val")
+    return DataConfig(source=path, root=root, train=train, val=val, names=names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checking images and labels (once, cached)
+
+
+def label_path(image: Path) -> Path:
+    """YOLOv5's rule: the last `images` folder in the path becomes `labels`, the suffix `.txt`."""
+    parts = list(image.parts)
+    for k in range(len(parts) - 2, -1, -1):
+        if parts[k] == "images":
+            parts[k] = "labels"
+            return Path(*parts).with_suffix(".txt")
+    return image.with_suffix(".txt")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """A usable image: its file, its size after EXIF orientation, and its labels (n, 5) class cx cy w h."""
+
+    path: Path
+    height: int
+    width: int
+    labels: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True)
+class SplitIndex:
+    """The checked contents of one split."""
+
+    records: tuple[ImageRecord, ...]
+    skipped: tuple[tuple[str, str], ...]  # (file, reason)
+    notes: dict[str, int]
+
+    @property
+    def boxes(self) -> int:
+        return sum(len(r.labels) for r in self.records)
+
+    def summary(self, split: str) -> str:
+        backgrounds = sum(1 for r in self.records if len(r.labels) == 0)
+        text = (f"{split}: {len(self.records)} images, {self.boxes} boxes, {backgrounds} backgrounds, "
+                f"{len(self.skipped)} skipped")
+        notes = ", ".join(f"{v} {k}" for k, v in sorted(self.notes.items()) if v)
+        return f"{text} ({notes})" if notes else text
+
+
+class _Bad(Exception):
+    """A file that cannot be used; the message is the reason."""
+
+
+def _parse_labels(text: str, nc: int) -> tuple[np.ndarray, dict[str, int]]:
+    rows, notes = [], {"label lines clipped": 0, "duplicate labels dropped": 0}
+    for n, line in enumerate(text.splitlines(), 1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        try:
+            values = [float(t) for t in tokens]
+        except ValueError:
+            raise _Bad(f"line {n}: {line.strip()!r:.60} is not numbers") from None
+        if len(values) > 5 and len(values) % 2 == 1 and len(values) >= 7:  # a polygon: class x1 y1 x2 y2 ...
+            xy = np.array(values[1:]).reshape(-1, 2)
+            x1, y1 = xy.min(0)
+            x2, y2 = xy.max(0)
+            values = [values[0], (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
+        if len(values) != 5:
+            raise _Bad(f"line {n}: {len(values)} numbers, a label line is 'class cx cy w h'")
+        if not all(math.isfinite(v) for v in values):
+            raise _Bad(f"line {n}: non-finite value in {line.strip()!r:.60}")
+        cls, cx, cy, w, h = values
+        if cls != int(cls) or not 0 <= cls < nc:
+            raise _Bad(f"line {n}: class {tokens[0]} is not an index in 0..{nc - 1}")
+        if w <= 0 or h <= 0:
+            raise _Bad(f"line {n}: box size {w:g}x{h:g} must be positive")
+        x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+        if min(x1, y1) < -BOX_OVERSHOOT or max(x2, y2) > 1 + BOX_OVERSHOOT:
+            raise _Bad(f"line {n}: box {cx:g} {cy:g} {w:g} {h:g} lies outside the image (normalised 0..1)")
+        if min(x1, y1) < 0 or max(x2, y2) > 1:
+            notes["label lines clipped"] += 1
+            x1, y1, x2, y2 = max(x1, 0.0), max(y1, 0.0), min(x2, 1.0), min(y2, 1.0)
+            if x2 - x1 <= 0 or y2 - y1 <= 0:
+                raise _Bad(f"line {n}: box is empty once clipped to the image")
+        rows.append([cls, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
+    labels = np.array(rows, dtype=np.float32).reshape(-1, 5)
+    if len(labels):
+        unique = np.unique(labels, axis=0)
+        notes["duplicate labels dropped"] = len(labels) - len(unique)
+        labels = unique
+    return labels, notes
+
+
+def _check_one(image: Path, nc: int) -> tuple[dict | None, str | None, dict[str, int]]:
+    """(record dict, None, notes) for a usable image, (None, reason, {}) otherwise."""
+    notes: dict[str, int] = {}
+    try:
+        try:
+            with Image.open(image) as im:
+                im.verify()
+            with Image.open(image) as im:
+                mode = im.mode
+                im = ImageOps.exif_transpose(im)
+                im.load()  # full decode: a truncated file fails here
+                width, height = im.size
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise _Bad(f"not a readable image ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                       ) from None
+        if min(width, height) < MIN_IMAGE_PX:
+            raise _Bad(f"image is {width}x{height}, smaller than {MIN_IMAGE_PX} px")
+        if mode not in ("RGB",):
+            notes[f"{'greyscale' if mode in ('L', 'LA', 'I', 'I;16', '1') else mode} images converted to RGB"] = 1
+        lp = label_path(image)
+        labels = np.zeros((0, 5), np.float32)
+        if lp.is_file():
+            try:
+                text = lp.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise _Bad(f"label file {lp} is not UTF-8 text") from None
+            try:
+                labels, label_notes = _parse_labels(text, nc)
+            except _Bad as err:
+                raise _Bad(f"label file {lp}: {err}") from None
+            notes |= {k: v for k, v in label_notes.items() if v}
+        return {"path": str(image), "height": height, "width": width, "labels": labels.tolist()}, None, notes
+    except _Bad as err:
+        return None, str(err), {}
+
+
+def cache_dir() -> Path:
+    """Where repnas keeps caches: $REPNAS_CACHE_DIR, else $XDG_CACHE_HOME/repnas, else ~/.cache/repnas."""
+    if os.environ.get("REPNAS_CACHE_DIR"):
+        return Path(os.environ["REPNAS_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "repnas"
+
+
+def _fingerprint(images: Sequence[Path], nc: int) -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION} nc={nc}".encode())
+    for image in images:
+        for p in (image, label_path(image)):
+            try:
+                st = p.stat()
+                h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def _read_cache(path: Path, key: str) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("key") == key else None
+
+
+def _write_cache(path: Path, data: dict) -> None:
+    from nas.files import write_text_atomic
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(data))
+    except OSError as err:  # read-only home, full disk: work on without a cache
+        LOG.debug("label cache not written (%s): %s", path, err)
+
+
+def index_split(images: Sequence[Path], nc: int, split: str, where: str, *, workers: int = 8,
+                use_cache: bool = True) -> SplitIndex:
+    """Check every image and label file of a split (or load the cached result) and log what was skipped."""
+    if not images:
+        raise DataError(f"{where}: the {split} split lists no images; check `{split}` and the folder's contents")
+    label_dirs = {label_path(p).parent for p in images}
+    if not any(d.is_dir() for d in label_dirs):
+        first = sorted(label_dirs)[0]
+        raise DataError(
+            f"{where}: {split} split: labels folder {first} does not exist (YOLO labels sit in labels/ beside "
+            "images/); add the labels or fix the split's path"
+        )
+    key = _fingerprint(images, nc)
+    cache_file = cache_dir() / "labels" / f"{key[:32]}.json"
+    cached = _read_cache(cache_file, key) if use_cache else None
+    if cached is None:
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(images)))) as pool:
+            results = list(pool.map(lambda p: _check_one(p, nc), images))
+        cached = {"key": key, "results": [[r, reason] for r, reason, _ in results],
+                  "notes": [n for _, _, n in results]}
+        if use_cache:
+            _write_cache(cache_file, cached)
+    records, skipped, notes = [], [], {}
+    for image, (record, reason), note in zip(images, cached["results"], cached["notes"]):
+        if record is None:
+            skipped.append((str(image), reason))
+            continue
+        records.append(ImageRecord(Path(record["path"]), record["height"], record["width"],
+                                   np.array(record["labels"], np.float32).reshape(-1, 5)))
+        for k, v in note.items():
+            notes[k] = notes.get(k, 0) + v
+    for file, reason in skipped:
+        LOG.warning("%s: skipped: %s", file, reason)
+    orphans = _orphan_labels(images, label_dirs)
+    if orphans:
+        LOG.warning("%s split: %d label files have no image (e.g. %s)", split, len(orphans), orphans[0])
+    index = SplitIndex(tuple(records), tuple(skipped), notes)
+    if not records:
+        raise DataError(f"{where}: the {split} split has no usable image ({len(skipped)} skipped, first: "
+                        f"{skipped[0][0] if skipped else '-'}: {skipped[0][1] if skipped else '-'}); fix the files")
+    for note, count in sorted(notes.items()):
+        if "converted" in note:
+            LOG.warning("%s split: %d %s", split, count, note.replace("images", "image(s)"))
+    LOG.info(index.summary(split))
+    return index
+
+
+def _orphan_labels(images: Iterable[Path], label_dirs: Iterable[Path]) -> list[Path]:
+    expected = {label_path(p) for p in images}
+    orphans = []
+    for d in label_dirs:
+        if d.is_dir():
+            orphans += [p for p in sorted(d.glob("*.txt")) if p not in expected]
+    return orphans
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# images: decoding, letterbox, augmentation
+
+
+def load_image(path: Path, imgsz: int) -> np.ndarray:
+    """Decoded RGB image (H, W, 3) uint8, EXIF-oriented, resized so its long side is `imgsz` (aspect kept)."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        im = im.convert("RGB")
+        w0, h0 = im.size
+        r = imgsz / max(h0, w0)
+        if r != 1:
+            size = (max(1, round(w0 * r)), max(1, round(h0 * r)))
+            im = im.resize(size, Image.BILINEAR)
+        return np.asarray(im).copy()
+
+
+def letterbox(img: np.ndarray, shape: tuple[int, int], scaleup: bool = True):
+    """Resize `img` (H, W, 3) to fit `shape` (h, w) keeping its aspect, centred on grey padding.
+
+    Returns (image, (ratio_h, ratio_w), (pad_w, pad_h)) in YOLOv5's convention.
+    """
+    h0, w0 = img.shape[:2]
+    r = min(shape[0] / h0, shape[1] / w0)
+    if not scaleup:
+        r = min(r, 1.0)
+    new_w, new_h = round(w0 * r), round(h0 * r)
+    if (new_w, new_h) != (w0, h0):
+        img = np.asarray(Image.fromarray(img).resize((new_w, new_h), Image.BILINEAR))
+    dw, dh = (shape[1] - new_w) / 2, (shape[0] - new_h) / 2
+    top, left = round(dh - 0.1), round(dw - 0.1)
+    out = np.full((shape[0], shape[1], 3), PAD_VALUE, np.uint8)
+    out[top:top + new_h, left:left + new_w] = img
+    return out, (new_h / h0, new_w / w0), (dw, dh)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation (YOLOv5's hyp.scratch-low names and meanings; rotation, shear and perspective off)."""
+
+    hsv_h: float = 0.015
+    hsv_s: float = 0.7
+    hsv_v: float = 0.4
+    translate: float = 0.1
+    scale: float = 0.5
+    fliplr: float = 0.5
+    flipud: float = 0.0
+    mosaic: float = 0.0  # probability of a 4-image mosaic
+
+    def __post_init__(self):
+        for name in ("hsv_h", "hsv_s", "hsv_v", "translate", "fliplr", "flipud", "mosaic"):
+            v = getattr(self, name)
+            if not 0 <= v <= 1:
+                raise ValueError(f"AugmentConfig: {name}={v} must be in 0..1")
+        if not 0 <= self.scale < 1:
+            raise ValueError(f"AugmentConfig: scale={self.scale} must be in [0, 1)")
+
+
+def augment_hsv(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """Random hue, saturation and value gains, as YOLOv5 (PIL's HSV: hue in 0..255)."""
+    if not (cfg.hsv_h or cfg.hsv_s or cfg.hsv_v):
+        return img
+    gains = rng.uniform(-1, 1, 3) * (cfg.hsv_h, cfg.hsv_s, cfg.hsv_v) + 1
+    x = np.arange(256, dtype=np.float32)
+    lut_h = ((x * gains[0]) % 256).astype(np.uint8)
+    lut_s = np.clip(x * gains[1], 0, 255).astype(np.uint8)
+    lut_v = np.clip(x * gains[2], 0, 255).astype(np.uint8)
+    hsv = np.asarray(Image.fromarray(img).convert("HSV")).copy()
+    hsv[..., 0], hsv[..., 1], hsv[..., 2] = lut_h[hsv[..., 0]], lut_s[hsv[..., 1]], lut_v[hsv[..., 2]]
+    return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+
+
+def _affine(img: np.ndarray, boxes: np.ndarray, out: int, center: tuple[float, float], s: float,
+            shift: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Scale `img` by `s` about `center`, move that point to the middle of an `out` square plus `shift`.
+
+    boxes: (n, 4) xyxy pixels -> transformed, clipped, and filtered as YOLOv5's box_candidates.
+    """
+    ox = out / 2 + shift[0] - s * center[0]  # x_out = s * x_in + ox
+    oy = out / 2 + shift[1] - s * center[1]
+    coeffs = (1 / s, 0, -ox / s, 0, 1 / s, -oy / s)  # PIL wants the inverse map (out -> in)
+    warped = Image.fromarray(img).transform((out, out), Image.AFFINE, coeffs, resample=Image.BILINEAR,
+                                            fillcolor=(PAD_VALUE,) * 3)
+    if len(boxes):
+        moved = boxes * s + np.array([ox, oy, ox, oy], np.float32)
+        clipped = moved.clip(0, out)
+        w, h = clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1]
+        w0, h0 = moved[:, 2] - moved[:, 0], moved[:, 3] - moved[:, 1]
+        aspect = np.maximum(w / (h + 1e-16), h / (w + 1e-16))
+        keep = (w > 2) & (h > 2) & (w * h / (w0 * h0 + 1e-16) > 0.1) & (aspect < 100)
+        boxes = clipped, keep
+    else:
+        boxes = boxes, np.zeros(0, bool)
+    return np.asarray(warped), boxes  # type: ignore[return-value]
+
+
+def _xywhn_to_xyxy(labels: np.ndarray, w: float, h: float, padw: float = 0, padh: float = 0) -> np.ndarray:
+    xyxy = np.empty((len(labels), 4), np.float32)
+    xyxy[:, 0] = w * (labels[:, 1] - labels[:, 3] / 2) + padw
+    xyxy[:, 1] = h * (labels[:, 2] - labels[:, 4] / 2) + padh
+    xyxy[:, 2] = w * (labels[:, 1] + labels[:, 3] / 2) + padw
+    xyxy[:, 3] = h * (labels[:, 2] + labels[:, 4] / 2) + padh
+    return xyxy
+
+
+def _xyxy_to_xywhn(xyxy: np.ndarray, w: float, h: float) -> np.ndarray:
+    out = np.empty_like(xyxy)
+    out[:, 0] = (xyxy[:, 0] + xyxy[:, 2]) / 2 / w
+    out[:, 1] = (xyxy[:, 1] + xyxy[:, 3]) / 2 / h
+    out[:, 2] = (xyxy[:, 2] - xyxy[:, 0]) / w
+    out[:, 3] = (xyxy[:, 3] - xyxy[:, 1]) / h
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the Dataset
+
+
+class YoloDataset(Dataset):
+    """Images and labels of one split, letterboxed to `imgsz`.
+
+    Training (`augment=True`): square `imgsz` images with random scale/translate, flips, HSV and optional mosaic.
+    Validation (`rect=True`): images sorted by aspect ratio and letterboxed to per-batch rectangles (YOLOv5's
+    rect batches, padded to a multiple of `stride`); iterate in order with the same `batch_size`.
+    An item is (image (3, H, W) uint8, labels (n, 6) [0, class, cx, cy, w, h] normalised, path, shapes) where
+    shapes = ((h0, w0), ((ratio_h, ratio_w), (pad_w, pad_h))) maps boxes back to the original image.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], imgsz: int, *, augment: bool = False,
+                 hyp: AugmentConfig | None = None, rect: bool = False, batch_size: int = 16, stride: int = 32,
+                 cache_images: bool = True):
+        self.imgsz, self.augment, self.rect, self.stride = imgsz, augment, rect, stride
+        self.hyp = hyp or AugmentConfig()
+        records = list(records)
+        self.batch_shapes: list[tuple[int, int]] | None = None
+        if rect:
+            aspect = np.array([r.height / r.width for r in records])
+            order = np.argsort(aspect, kind="stable")
+            records = [records[i] for i in order]
+            aspect = aspect[order]
+            self.batch_shapes = []
+            for start in range(0, len(records), batch_size):
+                ar = aspect[start:start + batch_size]
+                lo, hi = ar.min(), ar.max()
+                hw = (hi, 1) if hi < 1 else (1, 1 / lo) if lo > 1 else (1, 1)
+                self.batch_shapes.append(tuple(int(math.ceil(imgsz * v / stride + 0.5) * stride) for v in hw))
+            self.batch_size = batch_size
+        self.records = records
+        self._cache: list[np.ndarray | None] = [None] * len(records)
+        if cache_images:
+            self.cache_images()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def cache_images(self, workers: int = 4) -> None:
+        """Decode and resize every image once into RAM (threads; PIL releases the GIL while decoding)."""
+        todo = [i for i, c in enumerate(self._cache) if c is None]
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for i, img in zip(todo, pool.map(lambda k: load_image(self.records[k].path, self.imgsz), todo)):
+                self._cache[i] = img
+
+    def image(self, i: int) -> np.ndarray:
+        img = self._cache[i]
+        return load_image(self.records[i].path, self.imgsz) if img is None else img
+
+    def __getitem__(self, i: int):
+        record = self.records[i]
+        h0, w0 = record.height, record.width
+        if self.augment:
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+            img, labels = self._train_sample(i, rng)
+            shapes = ((h0, w0), ((1.0, 1.0), (0.0, 0.0)))
+        else:
+            shape = self.batch_shapes[i // self.batch_size] if self.rect else (self.imgsz, self.imgsz)
+            small = self.image(i)  # long side imgsz
+            img, ratio, pad = letterbox(small, shape, scaleup=False)
+            gain = (ratio[0] * small.shape[0] / h0, ratio[1] * small.shape[1] / w0)  # original -> input pixels
+            labels = record.labels.copy()
+            if len(labels):
+                xyxy = _xywhn_to_xyxy(labels, w0 * gain[1], h0 * gain[0], pad[0], pad[1])
+                labels[:, 1:] = _xyxy_to_xywhn(xyxy, img.shape[1], img.shape[0])
+            shapes = ((h0, w0), (gain, pad))
+        out = np.zeros((len(labels), 6), np.float32)
+        out[:, 1:] = labels
+        tensor = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))  # (3, H, W) uint8
+        return tensor, torch.from_numpy(out), str(record.path), shapes
+
+    def _train_sample(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        s = self.imgsz
+        hyp = self.hyp
+        if hyp.mosaic and rng.random() < hyp.mosaic:
+            canvas, boxes, classes = self._mosaic(i, rng)
+            center = (s, s)  # the middle of the 2s x 2s canvas
+        else:
+            img = self.image(i)
+            h, w = img.shape[:2]
+            labels = self.records[i].labels
+            canvas = img
+            boxes, classes = _xywhn_to_xyxy(labels, w, h), labels[:, 0]
+            center = (w / 2, h / 2)
+        gain = rng.uniform(1 - hyp.scale, 1 + hyp.scale)
+        shift = tuple(rng.uniform(-hyp.translate, hyp.translate, 2) * s)
+        img, (boxes, keep) = _affine(canvas, boxes, s, center, gain, shift)
+        boxes, classes = boxes[keep], classes[keep]
+        img = augment_hsv(img, hyp, rng)
+        if rng.random() < hyp.fliplr:
+            img = img[:, ::-1]
+            boxes = np.stack([s - boxes[:, 2], boxes[:, 1], s - boxes[:, 0], boxes[:, 3]], 1) if len(boxes) else boxes
+        if rng.random() < hyp.flipud:
+            img = img[::-1]
+            boxes = np.stack([boxes[:, 0], s - boxes[:, 3], boxes[:, 2], s - boxes[:, 1]], 1) if len(boxes) else boxes
+        labels = np.zeros((len(boxes), 5), np.float32)
+        if len(boxes):
+            labels[:, 0] = classes
+            labels[:, 1:] = _xyxy_to_xywhn(boxes.astype(np.float32), s, s)
+        return img, labels
+
+    def _mosaic(self, i: int, rng: np.random.Generator):
+        """Four images around a random centre of a 2s x 2s grey canvas (YOLOv5's load_mosaic, without warping)."""
+        s = self.imgsz
+        yc, xc = (int(v) for v in rng.uniform(s / 2, 3 * s / 2, 2))
+        others = rng.integers(0, len(self.records), 3)
+        canvas = np.full((2 * s, 2 * s, 3), PAD_VALUE, np.uint8)
+        all_boxes, all_classes = [], []
+        for k, index in enumerate([i, *others.tolist()]):
+            img = self.image(index)
+            h, w = img.shape[:2]
+            if k == 0:  # top left
+                x1a, y1a, x2a, y2a = max(xc - w, 0), max(yc - h, 0), xc, yc
+                x1b, y1b, x2b, y2b = w - (x2a - x1a), h - (y2a - y1a), w, h
+            elif k == 1:  # top right
+                x1a, y1a, x2a, y2a = xc, max(yc - h, 0), min(xc + w, 2 * s), yc
+                x1b, y1b, x2b, y2b = 0, h - (y2a - y1a), min(w, x2a - x1a), h
+            elif k == 2:  # bottom left
+                x1a, y1a, x2a, y2a = max(xc - w, 0), yc, xc, min(2 * s, yc + h)
+                x1b, y1b, x2b, y2b = w - (x2a - x1a), 0, w, min(y2a - y1a, h)
+            else:  # bottom right
+                x1a, y1a, x2a, y2a = xc, yc, min(xc + w, 2 * s), min(2 * s, yc + h)
+                x1b, y1b, x2b, y2b = 0, 0, min(w, x2a - x1a), min(y2a - y1a, h)
+            canvas[y1a:y2a, x1a:x2a] = img[y1b:y2b, x1b:x2b]
+            labels = self.records[index].labels
+            if len(labels):
+                all_boxes.append(_xywhn_to_xyxy(labels, w, h, x1a - x1b, y1a - y1b))
+                all_classes.append(labels[:, 0])
+        if all_boxes:  # clipped to the canvas, as YOLOv5's load_mosaic does
+            return canvas, np.concatenate(all_boxes).clip(0, 2 * s), np.concatenate(all_classes)
+        return canvas, np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+
+
+def collate(batch):
+    """Stack images; concatenate labels with their image index in column 0. (B,3,H,W) uint8, (N,6) float."""
+    images, labels, paths, shapes = zip(*batch)
+    for k, lb in enumerate(labels):
+        lb[:, 0] = k
+    return torch.stack(images, 0), torch.cat(labels, 0), list(paths), list(shapes)
+
+
+def make_loader(dataset: YoloDataset, batch_size: int, *, shuffle: bool, workers: int = 0,
+                seed: int = 0) -> DataLoader:
+    """A DataLoader with seeded shuffling; rect datasets must not be shuffled.
+
+    Augmentation draws from torch's generator: per worker (seeded by the loader) or, with workers=0, the global one,
+    which `nas.train.fit` seeds.
+    """
+    if dataset.rect and shuffle:
+        raise ValueError("rect batches need the dataset's own order: shuffle=False")
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
+                      generator=generator, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                      drop_last=False)

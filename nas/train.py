@@ -1,0 +1,282 @@
+"""Proxy training: YOLOv5's recipe (SGD with three parameter groups, warm-up, linear or cosine LR, EMA, AMP on
+CUDA) sized to rank candidates fast. `fit` is the one entry point; `ProxyConfig` says how a model is trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from nas.data import AugmentConfig, DataConfig, YoloDataset, index_split, load_data_config, make_loader
+from nas.evaluate import Metrics, evaluate
+from nas.loss import DetectionLoss, LossHyp
+from space.errors import RepnasError
+
+
+class TrainingDiverged(RepnasError):
+    """The loss became NaN or infinite."""
+
+
+EpochCallback = Callable[[int, dict, float, float], "bool | None"]  # (epoch, losses, map50_95, map50) -> stop?
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """How a candidate is trained. Defaults are the proxy: a fast, stable ranking signal (see RESULTS.md)."""
+
+    epochs: int = 60
+    imgsz: int = 160
+    batch: int = 16
+    fraction: float = 1.0  # of the train split, a seeded subset
+    val_every: int = 5  # validate every k epochs (and always after the last)
+    device: str = "auto"
+    workers: int | None = None  # None: 0 on CPU, min(8, cores) on CUDA
+    seed: int = 0
+    optimizer: str = "AdamW"  # "AdamW" or "SGD" (nesterov, YOLOv5's from-scratch choice)
+    lr0: float = 0.002
+    lrf: float = 0.01  # final LR = lr0 * lrf
+    momentum: float = 0.937
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    warmup_momentum: float = 0.8
+    warmup_bias_lr: float = 0.0
+    cosine: bool = False
+    nominal_batch: int = 0  # accumulate gradients up to this batch (YOLOv5: 64); 0 = no accumulation
+    ema_decay: float = 0.9999
+    ema_tau: float = 2000.0  # EMA decay ramps as decay * (1 - exp(-updates / tau)), YOLOv5's rule
+    amp: bool = True  # on CUDA only
+    cache_images: bool = True
+    quiet: bool = False
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(scale=0.25))
+    loss: LossHyp = field(default_factory=LossHyp)
+
+    def __post_init__(self):
+        checks = [
+            (self.epochs >= 1, f"epochs={self.epochs} must be >= 1"),
+            (self.imgsz >= 32 and self.imgsz % 32 == 0, f"imgsz={self.imgsz} must be a multiple of 32"),
+            (self.batch >= 1, f"batch={self.batch} must be >= 1"),
+            (0 < self.fraction <= 1, f"fraction={self.fraction} must be in (0, 1]"),
+            (self.val_every >= 1, f"val_every={self.val_every} must be >= 1"),
+            (self.optimizer in ("SGD", "AdamW"), f"optimizer={self.optimizer!r} must be 'SGD' or 'AdamW'"),
+            (self.lr0 > 0 and 0 < self.lrf <= 1, f"lr0={self.lr0} must be > 0 and lrf={self.lrf} in (0, 1]"),
+            (self.warmup_epochs >= 0, f"warmup_epochs={self.warmup_epochs} must be >= 0"),
+            (self.workers is None or self.workers >= 0, f"workers={self.workers} must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"ProxyConfig: {message}")
+
+    @classmethod
+    def finetune(cls, **changes) -> ProxyConfig:
+        """Preset for already-trained weights (e.g. after pruning): low LR, no warm-up, no bias warm-up."""
+        preset = {"optimizer": "SGD", "lr0": 0.001, "lrf": 0.1, "warmup_epochs": 0.0, "warmup_bias_lr": 0.0,
+                  "cosine": True, "val_every": 1}
+        return cls(**(preset | changes))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FitResult:
+    """What training produced: per-epoch history, the last evaluation, wall time; `model` holds EMA weights."""
+
+    model: nn.Module
+    history: list[dict]
+    metrics: Metrics | None
+    seconds: float
+    stopped_early: bool
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N' or an int index -> torch.device, or a clear error."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(f"cuda:{device}" if str(device).isdigit() else device)
+    except RuntimeError:
+        raise RepnasError(f"device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RepnasError(f"device {device!r}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RepnasError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type not in ("cpu", "mps"):
+        raise RepnasError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class ModelEMA:
+    """Exponential moving average of weights and buffers (YOLOv5's ModelEMA)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000.0):
+        self.ema = copy.deepcopy(model).eval()
+        self.decay, self.tau, self.updates = decay, tau, 0
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / self.tau))
+        state = model.state_dict()
+        for name, value in self.ema.state_dict().items():
+            if value.dtype.is_floating_point:
+                value.mul_(d).add_(state[name].detach(), alpha=1 - d)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """YOLOv5's three groups: conv/linear weights with decay; BatchNorm weights and all biases without."""
+    decay, no_decay_bn, biases = [], [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if name == "bias":
+                biases.append(p)
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                no_decay_bn.append(p)
+            else:
+                decay.append(p)
+    return [{"params": no_decay_bn, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay},
+            {"params": biases, "weight_decay": 0.0, "is_bias": True}]
+
+
+def _lr_lambda(cfg: ProxyConfig) -> Callable[[float], float]:
+    if cfg.cosine:
+        return lambda x: ((1 - math.cos(x * math.pi / cfg.epochs)) / 2) * (cfg.lrf - 1) + 1
+    return lambda x: (1 - x / cfg.epochs) * (1.0 - cfg.lrf) + cfg.lrf
+
+
+def _progress(iterable, total: int, desc: str, quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+def subset_records(records: Sequence, fraction: float, seed: int) -> list:
+    """A seeded random subset of `fraction` of the records (all of them when fraction is 1)."""
+    if fraction >= 1:
+        return list(records)
+    rng = np.random.default_rng(seed)
+    keep = max(1, round(len(records) * fraction))
+    return [records[i] for i in sorted(rng.choice(len(records), keep, replace=False))]
+
+
+def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = ProxyConfig(),
+        callbacks: Sequence[EpochCallback] = ()) -> FitResult:
+    """Train `model` on `data` (a data.yaml or DataConfig) for `cfg.epochs`; evaluate every `cfg.val_every` epochs.
+
+    After each evaluation every callback gets (epoch, mean losses, mAP50-95, mAP50); a truthy return stops training.
+    The returned model (the same object) holds the EMA weights. Raises TrainingDiverged on a non-finite loss.
+    """
+    start = time.perf_counter()
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    data_cfg = data if isinstance(data, DataConfig) else load_data_config(data)
+    detect = model.detect
+    if detect.nc != data_cfg.nc:
+        raise RepnasError(f"the model has nc={detect.nc} but {data_cfg.source} names {data_cfg.nc} classes; "
+                          f"build the model with nc={data_cfg.nc}")
+    stride = int(model.stride.max())
+    train_index = index_split(data_cfg.train, data_cfg.nc, "train", str(data_cfg.source))
+    records = subset_records(train_index.records, cfg.fraction, cfg.seed)
+    workers = cfg.workers if cfg.workers is not None else (min(8, torch.get_num_threads()) if device.type == "cuda"
+                                                           else 0)
+    train_set = YoloDataset(records, cfg.imgsz, augment=True, hyp=cfg.augment, cache_images=cfg.cache_images)
+    val_set = YoloDataset(index_split(data_cfg.val, data_cfg.nc, "val", str(data_cfg.source)).records, cfg.imgsz,
+                          rect=True, batch_size=cfg.batch * 2, stride=stride, cache_images=cfg.cache_images)
+    loader = make_loader(train_set, cfg.batch, shuffle=True, workers=workers, seed=cfg.seed)
+
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    accumulate = max(round(cfg.nominal_batch / cfg.batch), 1) if cfg.nominal_batch else 1
+    weight_decay = cfg.weight_decay * cfg.batch * accumulate / (cfg.nominal_batch or cfg.batch)
+    groups = parameter_groups(model, weight_decay)
+    if cfg.optimizer == "AdamW":
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr0, betas=(cfg.momentum, 0.999))
+    else:
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr0, momentum=cfg.momentum, nesterov=True)
+    lf = _lr_lambda(cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+    loss_fn = DetectionLoss(model, cfg.loss.scaled(detect.nl, detect.nc, cfg.imgsz))
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    ema = ModelEMA(model, cfg.ema_decay, cfg.ema_tau)
+
+    batches = len(loader)
+    warmup_iters = round(cfg.warmup_epochs * batches)
+    history: list[dict] = []
+    metrics: Metrics | None = None
+    stopped = False
+    last_step = -1
+    for epoch in range(cfg.epochs):
+        model.train()
+        epoch_start = time.perf_counter()
+        sums = torch.zeros(3)
+        for i, (images, targets, _, _) in enumerate(_progress(loader, batches, f"epoch {epoch + 1}/{cfg.epochs}",
+                                                              cfg.quiet)):
+            it = i + batches * epoch
+            x = images.to(device, non_blocking=True).float() / 255  # (B, 3, S, S)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            if it < warmup_iters:  # warm-up: LR ramps from 0 (bias: from warmup_bias_lr), momentum ramps up
+                frac = it / warmup_iters
+                for group in optimizer.param_groups:
+                    start_lr = cfg.warmup_bias_lr if group.get("is_bias") else 0.0
+                    group["lr"] = start_lr + frac * (group["initial_lr"] * lf(epoch) - start_lr)
+                    if cfg.optimizer == "SGD":
+                        group["momentum"] = cfg.warmup_momentum + frac * (cfg.momentum - cfg.warmup_momentum)
+            with torch.autocast(device.type, enabled=use_amp):
+                preds = model(x)
+                loss, items = loss_fn(preds, targets.to(device))
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1} (box/obj/cls "
+                    f"{[round(v, 4) for v in items.tolist()]}); lower lr0 (now {cfg.lr0}) or check the labels"
+                )
+            scaler.scale(loss).backward()
+            if it - last_step >= accumulate:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                ema.update(model)
+                last_step = it
+            sums += items.detach().float().cpu()
+        scheduler.step()
+        losses = dict(zip(("box", "obj", "cls"), (sums / max(batches, 1)).tolist()))
+        record = {"epoch": epoch + 1, **losses, "lr": optimizer.param_groups[1]["lr"],
+                  "train_seconds": time.perf_counter() - epoch_start, "map50_95": None, "map50": None}
+        final = epoch + 1 == cfg.epochs
+        if (epoch + 1) % cfg.val_every == 0 or final:
+            metrics = evaluate(ema.ema, val_set, cfg.imgsz, device=device, half=use_amp, workers=workers)
+            record |= {"map50_95": metrics.map50_95, "map50": metrics.map50, "val_seconds": metrics.seconds}
+            history.append(record)
+            if any(cb(epoch + 1, losses, metrics.map50_95, metrics.map50) for cb in callbacks) and not final:
+                stopped = True
+                break
+        else:
+            history.append(record)
+    model.load_state_dict(ema.ema.state_dict())
+    model.eval()
+    return FitResult(model, history, metrics, time.perf_counter() - start, stopped)
+

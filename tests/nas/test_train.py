@@ -1,0 +1,144 @@
+import json
+
+import pytest
+import torch
+
+from nas.cli import main
+from nas.synth import SynthConfig, make_synthetic
+from nas.train import ProxyConfig, TrainingDiverged, fit, parameter_groups, resolve_device
+from space.builder import build_model
+from space.errors import RepnasError
+from tests.conftest import tiny_yaml
+
+FAST = {"epochs": 2, "imgsz": 64, "batch": 8, "val_every": 1, "device": "cpu", "quiet": True, "warmup_epochs": 0.5}
+
+
+@pytest.fixture
+def tiny_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPNAS_CACHE_DIR", str(tmp_path / "cache"))
+    return make_synthetic(tmp_path / "shapes", SynthConfig(images=24, classes=3, imgsz=64, seed=3))
+
+
+def test_fit_trains_evaluates_and_calls_back(tiny_data):
+    model = build_model(tiny_yaml(nc=3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    result = fit(model, tiny_data, ProxyConfig(**FAST), callbacks=[lambda *a: calls.append(a)])
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert [c[0] for c in calls] == [1, 2]
+    _, losses, map50_95, map50 = calls[-1]
+    assert set(losses) == {"box", "obj", "cls"} and all(v > 0 for v in losses.values())
+    assert 0 <= map50_95 <= map50 <= 1 and result.metrics.map50 == map50
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not result.stopped_early and result.seconds > 0
+
+
+def test_a_callback_can_stop_training(tiny_data):
+    result = fit(build_model(tiny_yaml(nc=3)), tiny_data, ProxyConfig(**FAST | {"epochs": 3}),
+                 callbacks=[lambda epoch, *_: epoch >= 1])
+    assert result.stopped_early and len(result.history) == 1
+
+
+def test_fit_is_deterministic_for_a_seed(tiny_data):
+    cfg = ProxyConfig(**FAST | {"epochs": 1})
+    a = fit(build_model(tiny_yaml(nc=3)), tiny_data, cfg).history[0]
+    torch.manual_seed(123)  # whatever happened before, fit seeds itself...
+    b = fit(build_model(tiny_yaml(nc=3)), tiny_data, cfg).history[0]
+    assert a["box"] != b["box"] or a["obj"] != b["obj"]  # ...but the two models were initialised differently
+    torch.manual_seed(0)
+    m1 = build_model(tiny_yaml(nc=3))
+    torch.manual_seed(0)
+    m2 = build_model(tiny_yaml(nc=3))
+    assert fit(m1, tiny_data, cfg).history[0]["box"] == fit(m2, tiny_data, cfg).history[0]["box"]
+
+
+def test_nan_loss_raises_training_diverged(tiny_data, monkeypatch):
+    from nas import train
+
+    class NaNLoss:
+        def __init__(self, *a, **k):
+            pass
+
+        def __call__(self, preds, targets):
+            loss = sum(p.sum() for p in preds) * float("nan")
+            return loss, torch.zeros(3)
+
+    monkeypatch.setattr(train, "DetectionLoss", NaNLoss)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 1, batch 1 .* lower lr0"):
+        fit(build_model(tiny_yaml(nc=3)), tiny_data, ProxyConfig(**FAST))
+
+
+def test_nc_mismatch_is_a_clear_error(tiny_data):
+    with pytest.raises(RepnasError, match=r"the model has nc=5 but .*data.yaml names 3 classes"):
+        fit(build_model(tiny_yaml(nc=5)), tiny_data, ProxyConfig(**FAST))
+
+
+def test_parameter_groups_follow_yolov5():
+    model = build_model(tiny_yaml())
+    bn, decay, bias = parameter_groups(model, 5e-4)
+    assert bn["weight_decay"] == 0 and bias["weight_decay"] == 0 and decay["weight_decay"] == 5e-4
+    n = sum(1 for _ in model.parameters())
+    assert len(bn["params"]) + len(decay["params"]) + len(bias["params"]) == n
+    assert all(p.ndim == 1 for p in bn["params"]) and all(p.ndim == 4 for p in decay["params"])
+
+
+def test_proxy_config_validation_and_finetune_preset():
+    with pytest.raises(ValueError, match="imgsz=100 must be a multiple of 32"):
+        ProxyConfig(imgsz=100)
+    with pytest.raises(ValueError, match="optimizer='Adam' must be"):
+        ProxyConfig(optimizer="Adam")
+    ft = ProxyConfig.finetune(epochs=3)
+    assert ft.epochs == 3 and ft.warmup_epochs == 0 and ft.warmup_bias_lr == 0 and ft.lr0 < ProxyConfig().lr0
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(RepnasError, match=r"is not a device|is not supported"):
+        resolve_device("tpu7")
+    if not torch.cuda.is_available():
+        with pytest.raises(RepnasError, match="CUDA is not available on this machine; use --device cpu"):
+            resolve_device("cuda:0")
+
+
+def test_cli_train_then_val(tiny_data, tmp_path, capsys):
+    model_yaml = tmp_path / "tiny.yaml"
+    model_yaml.write_text(json.dumps(tiny_yaml(nc=80)))  # JSON is YAML; nc follows the data
+    out = tmp_path / "run"
+    assert main(["train", str(model_yaml), "--data", str(tiny_data), "--epochs", "1", "--imgsz", "64",
+                 "--batch", "8", "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"map50", "map50_95", "params", "gflops", "epochs", "imgsz", "train_seconds"} <= set(metrics)
+    assert metrics["epochs"] == 1 and metrics["imgsz"] == 64
+    assert (out / "epochs.csv").read_text().splitlines()[0].startswith("epoch,box,obj,cls")
+    state = torch.load(out / "weights.pt", weights_only=True)
+    assert "model.0.rbr_dense.conv.weight" in state
+    printed = capsys.readouterr().out
+    assert "mAP50" in printed and str(out) in printed
+    assert main(["val", str(out / "model.yaml"), "--weights", str(out / "weights.pt"), "--data", str(tiny_data),
+                 "--imgsz", "64", "--device", "cpu", "--quiet"]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert float(row[2]) == pytest.approx(metrics["map50"], abs=1e-6)
+
+
+def test_cli_refuses_pickled_weights(tmp_path, capsys):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("PWNED",))
+
+    bad = tmp_path / "evil.pt"
+    bad.write_bytes(pickle.dumps(Payload()))
+    model_yaml = tmp_path / "tiny.yaml"
+    model_yaml.write_text(json.dumps(tiny_yaml(nc=3)))
+    assert main(["val", str(model_yaml), "--weights", str(bad), "--data", "nope.yaml"]) == 2
+    captured = capsys.readouterr()
+    assert "PWNED" not in captured.out
+    assert captured.err.count("\n") == 1
+
+
+def test_cli_data_synth(tmp_path, capsys):
+    assert main(["data", "synth", str(tmp_path / "s"), "--images", "12", "--classes", "2", "--imgsz", "64"]) == 0
+    assert (tmp_path / "s" / "data.yaml").is_file()
+    assert main(["data", "synth", str(tmp_path / "t"), "--classes", "99"]) == 2
+    assert "--classes 99 must be in 1..8" in capsys.readouterr().err
