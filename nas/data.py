@@ -85,11 +85,12 @@ def _resolve_root(raw, yaml_path: Path) -> Path:
         return path
     beside = (yaml_path.parent / path).resolve()
     if beside.is_dir():
-        LOG.debug("%s: path %r resolved against the data.yaml's folder: %s", yaml_path, raw, beside)
+        LOG.info("%s: dataset root %s (path %r, relative to the data.yaml's folder)", yaml_path, beside, raw)
         return beside
     cwd = (Path.cwd() / path).resolve()
     if cwd.is_dir():
-        LOG.info("%s: path %r is not beside the data.yaml; using the working directory's %s", yaml_path, raw, cwd)
+        LOG.info("%s: dataset root %s (path %r is not beside the data.yaml; taken relative to the working "
+                 "directory)", yaml_path, cwd, raw)
         return cwd
     return beside
 
@@ -454,7 +455,8 @@ def _affine(img: np.ndarray, boxes: np.ndarray, out: int, center: tuple[float, f
     return np.asarray(warped), boxes  # type: ignore[return-value]
 
 
-def _xywhn_to_xyxy(labels: np.ndarray, w: float, h: float, padw: float = 0, padh: float = 0) -> np.ndarray:
+def xywhn_to_xyxy(labels: np.ndarray, w: float, h: float, padw: float = 0, padh: float = 0) -> np.ndarray:
+    """Label rows (n, 5) class cx cy w h, normalised -> (n, 4) x1 y1 x2 y2 in pixels of a w x h image + padding."""
     xyxy = np.empty((len(labels), 4), np.float32)
     xyxy[:, 0] = w * (labels[:, 1] - labels[:, 3] / 2) + padw
     xyxy[:, 1] = h * (labels[:, 2] - labels[:, 4] / 2) + padh
@@ -538,7 +540,7 @@ class YoloDataset(Dataset):
             gain = (ratio[0] * small.shape[0] / h0, ratio[1] * small.shape[1] / w0)  # original -> input pixels
             labels = record.labels.copy()
             if len(labels):
-                xyxy = _xywhn_to_xyxy(labels, w0 * gain[1], h0 * gain[0], pad[0], pad[1])
+                xyxy = xywhn_to_xyxy(labels, w0 * gain[1], h0 * gain[0], pad[0], pad[1])
                 labels[:, 1:] = _xyxy_to_xywhn(xyxy, img.shape[1], img.shape[0])
             shapes = ((h0, w0), (gain, pad))
         out = np.zeros((len(labels), 6), np.float32)
@@ -557,7 +559,7 @@ class YoloDataset(Dataset):
             h, w = img.shape[:2]
             labels = self.records[i].labels
             canvas = img
-            boxes, classes = _xywhn_to_xyxy(labels, w, h), labels[:, 0]
+            boxes, classes = xywhn_to_xyxy(labels, w, h), labels[:, 0]
             center = (w / 2, h / 2)
         gain = rng.uniform(1 - hyp.scale, 1 + hyp.scale)
         shift = tuple(rng.uniform(-hyp.translate, hyp.translate, 2) * s)
@@ -601,7 +603,7 @@ class YoloDataset(Dataset):
             canvas[y1a:y2a, x1a:x2a] = img[y1b:y2b, x1b:x2b]
             labels = self.records[index].labels
             if len(labels):
-                all_boxes.append(_xywhn_to_xyxy(labels, w, h, x1a - x1b, y1a - y1b))
+                all_boxes.append(xywhn_to_xyxy(labels, w, h, x1a - x1b, y1a - y1b))
                 all_classes.append(labels[:, 0])
         if all_boxes:  # clipped to the canvas, as YOLOv5's load_mosaic does
             return canvas, np.concatenate(all_boxes).clip(0, 2 * s), np.concatenate(all_classes)

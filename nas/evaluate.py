@@ -14,7 +14,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from nas.data import DataConfig, ImageRecord, YoloDataset, index_split, load_data_config, make_loader
+from nas.data import (
+    DataConfig,
+    ImageRecord,
+    YoloDataset,
+    index_split,
+    load_data_config,
+    make_loader,
+    xywhn_to_xyxy,
+)
 from nas.metrics import ImageTruth, coco_map, non_max_suppression, scale_boxes
 
 
@@ -32,11 +40,7 @@ class Metrics:
 def ground_truth(record: ImageRecord) -> ImageTruth:
     """A record's labels as COCO ground truth in original pixels (xyxy)."""
     labels = record.labels
-    boxes = np.empty((len(labels), 4), np.float64)
-    boxes[:, 0] = (labels[:, 1] - labels[:, 3] / 2) * record.width
-    boxes[:, 1] = (labels[:, 2] - labels[:, 4] / 2) * record.height
-    boxes[:, 2] = (labels[:, 1] + labels[:, 3] / 2) * record.width
-    boxes[:, 3] = (labels[:, 2] + labels[:, 4] / 2) * record.height
+    boxes = xywhn_to_xyxy(labels, record.width, record.height).astype(np.float64)
     return ImageTruth(record.height, record.width, boxes, labels[:, 0].astype(np.int64))
 
 

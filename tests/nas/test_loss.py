@@ -16,15 +16,6 @@ from tests.conftest import tiny_yaml
 IMGSZ = 64  # levels 8x8 (stride 8), 4x4 (16), 2x2 (32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs gain nothing from threads, and OpenMP spin-waits make them 100x slower on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model3():
     torch.manual_seed(0)
