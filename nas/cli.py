@@ -237,6 +237,44 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_latency(args: argparse.Namespace) -> int:
+    """Measure the latency of a model YAML (fused by default; weights optional: latency does not need them)."""
+    from nas.latency import LatencyConfig, measure_latency
+    from nas.train import resolve_device
+    from pruning.reparam import fuse_model
+    from space.builder import build_model
+
+    device = resolve_device(args.device)
+    if args.weights:
+        model = load_weights(args.model, read_state(args.weights), source=f"--weights {args.weights}")
+    else:
+        model = build_model(args.model)
+    if args.fused:
+        model = fuse_model(model)
+    reference = fuse_model(build_model(args.reference)) if args.reference else None
+    defaults = LatencyConfig() if device.type == "cuda" else LatencyConfig(warmup=3, iters=30)
+    try:
+        cfg = LatencyConfig(warmup=defaults.warmup, iters=args.iters or defaults.iters,
+                            rounds=min(defaults.rounds, args.iters or defaults.iters), half=not args.fp32,
+                            cuda_graph=args.cuda_graph, threads=args.threads)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    lat = measure_latency(model, args.imgsz, args.batch, device, cfg, reference=reference)
+    info = lat.device
+    where = f"{info['name']}" + (f", {info['threads']} threads" if "threads" in info else
+                                 f", CUDA {info['cuda']}, cuDNN {info['cudnn']}, driver {info['driver']}")
+    print(f"{'form':<9}{'imgsz':>10}{'batch':>6}{'dtype':>9}{'median_ms':>11}{'p90_ms':>9}{'mean_ms':>9}"
+          f"{'std_ms':>8}{'iters':>6}{'ratio':>7}")
+    ratio = f"{lat.latency_ratio:.3f}" if lat.latency_ratio else "-"
+    print(f"{'fused' if args.fused else 'as built':<9}{f'{lat.imgsz[0]}x{lat.imgsz[1]}':>10}{lat.batch:>6}"
+          f"{lat.dtype:>9}{lat.median_ms:>11.3f}{lat.p90_ms:>9.3f}{lat.mean_ms:>9.3f}{lat.std_ms:>8.3f}"
+          f"{lat.iterations:>6}{ratio:>7}")
+    if lat.reference_median_ms:
+        print(f"reference {args.reference} (fused): median {lat.reference_median_ms:.3f} ms, measured interleaved")
+    print(f"device: {where}; torch {info['torch']}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -285,6 +323,21 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_val)
+
+    p = sub.add_parser("latency", help="measure a model's latency (fused by default)", description=cmd_latency.__doc__)
+    p.add_argument("model", metavar="MODEL.yaml", help="YOLOv5-format model YAML")
+    p.add_argument("--weights", help="state_dict to load first (optional)")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the deploy (fused) form (default) or the model as built (--no-fused)")
+    p.add_argument("--imgsz", type=_imgsz, default=640, help="input size (default 640)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--iters", type=_positive_int, help="timed iterations (default 100 on CUDA, 30 on CPU)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads while timing (default: torch's)")
+    p.add_argument("--fp32", action="store_true", help="on CUDA, time in float32 instead of fp16")
+    p.add_argument("--cuda-graph", action="store_true", help="on CUDA, replay a captured CUDA graph")
+    p.add_argument("--reference", metavar="REF.yaml", help="also time this model (fused), interleaved: the ratio")
+    p.set_defaults(func=cmd_latency)
 
     p = sub.add_parser("data", help="datasets", description="Datasets.")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
