@@ -24,7 +24,10 @@ from space.errors import RepnasError
 
 
 class TrainingDiverged(RepnasError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite, or the gradients stayed non-finite."""
+
+
+MAX_BAD_STEPS = 5  # consecutive optimizer steps with non-finite gradients before training gives up
 
 
 EpochCallback = Callable[[int, dict, float, float], "bool | None"]  # (epoch, losses, map50_95, map50) -> stop?
@@ -227,6 +230,7 @@ def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = Prox
     metrics: Metrics | None = None
     stopped = False
     last_step = -1
+    bad_steps = skipped = 0
     for epoch in range(cfg.epochs):
         model.train()
         epoch_start = time.perf_counter()
@@ -255,16 +259,28 @@ def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = Prox
             scaler.scale(loss).backward()
             if it - last_step >= accumulate:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
-                scaler.step(optimizer)
-                scaler.update()
+                norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+                finite = bool(torch.isfinite(norm))
+                if finite or use_amp:  # with AMP the scaler skips a non-finite step itself and lowers its scale
+                    scaler.step(optimizer)
+                    scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                ema.update(model)
+                if finite:
+                    ema.update(model)
+                    bad_steps = 0
+                else:  # one inf gradient would turn every weight into NaN: skip the step instead
+                    bad_steps += 1
+                    skipped += 1
+                    if bad_steps >= MAX_BAD_STEPS:
+                        raise TrainingDiverged(
+                            f"gradients were non-finite for {bad_steps} steps in a row (epoch {epoch + 1}, batch "
+                            f"{i + 1}); lower lr0 (now {cfg.lr0}) or check the labels"
+                        )
                 last_step = it
             sums += items.detach().float().cpu()
         scheduler.step()
         losses = dict(zip(("box", "obj", "cls"), (sums / max(batches, 1)).tolist()))
-        record = {"epoch": epoch + 1, **losses, "lr": optimizer.param_groups[1]["lr"],
+        record = {"epoch": epoch + 1, **losses, "lr": optimizer.param_groups[1]["lr"], "skipped_steps": skipped,
                   "train_seconds": time.perf_counter() - epoch_start, "map50_95": None, "map50": None}
         final = epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.val_every == 0 or final:

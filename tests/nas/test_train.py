@@ -142,3 +142,31 @@ def test_cli_data_synth(tmp_path, capsys):
     assert (tmp_path / "s" / "data.yaml").is_file()
     assert main(["data", "synth", str(tmp_path / "t"), "--classes", "99"]) == 2
     assert "--classes 99 must be in 1..8" in capsys.readouterr().err
+
+
+def _poison_gradients(model, calls: list, every: bool):
+    """Make the first conv's gradient infinite on the first backward (or on every one)."""
+    weight = model.model[0].rbr_dense.conv.weight
+
+    def hook(grad):
+        calls.append(1)
+        return grad * float("inf") if every or len(calls) == 1 else grad
+
+    weight.register_hook(hook)
+
+
+def test_one_non_finite_gradient_is_skipped_not_fatal(tiny_data):
+    model = build_model(tiny_yaml(nc=3))
+    calls = []
+    _poison_gradients(model, calls, every=False)
+    result = fit(model, tiny_data, ProxyConfig(**FAST | {"epochs": 1}))
+    assert result.history[0]["skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # every step was skipped
+def test_persistent_non_finite_gradients_raise(tiny_data):
+    model = build_model(tiny_yaml(nc=3))
+    _poison_gradients(model, [], every=True)
+    with pytest.raises(TrainingDiverged, match=r"gradients were non-finite for 5 steps in a row"):
+        fit(model, tiny_data, ProxyConfig(**FAST | {"epochs": 4}))
