@@ -275,6 +275,43 @@ def cmd_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_settings(args: argparse.Namespace):
+    from nas.study import StudySettings
+
+    given = (("epochs", args.epochs), ("imgsz", args.imgsz), ("batch", args.batch))
+    proxy = {k: v for k, v in given if v is not None}
+    return StudySettings(
+        name=args.study, storage=args.storage, data=args.data, space=args.space, trials=args.trials, seed=args.seed,
+        sampler=args.sampler, proxy=proxy or None, imgsz=args.latency_imgsz, device=args.device,
+        baseline=args.baseline, max_failures=args.max_failures, quiet=args.quiet,
+    )
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Run a search study (or continue it: the same --study resumes with its stored settings)."""
+    from nas.study import InvalidStudyName, run_search, summary_line
+
+    _setup_logging(args.quiet)
+    try:
+        settings = _study_settings(args)
+    except InvalidStudyName as err:
+        raise UsageError(str(err)) from None
+    study = run_search(settings, report=lambda line: print(line, flush=True))
+    print(summary_line(study))
+    print(f"Pareto files: {settings.folder}/pareto.{{md,csv,html,json,png}}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a study's Pareto table (md, csv, html, json; pareto.png always) into results/NAME or --out."""
+    from nas.study import check_study_name, export_study
+
+    check_study_name(args.name)
+    paths = export_study(args.name, args.out, args.format, storage=args.storage)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -349,6 +386,40 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--imgsz", type=int, default=160, help="image size (default 160)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.set_defaults(func=cmd_data_synth)
+
+    def search_options(p: argparse.ArgumentParser, with_study: bool) -> None:
+        if with_study:
+            p.add_argument("--study", default="default", help="study name: results/NAME (default 'default')")
+        p.add_argument("--data", help="data.yaml (default: the built-in synthetic dataset)")
+        p.add_argument("--space", help="space YAML (default: the built-in default space)")
+        p.add_argument("--trials", type=_count, help="trials that count, in all (default 20; rejected ones do not)")
+        p.add_argument("--storage", help="Optuna storage URL (default: results/NAME/study.log, a journal file)")
+        p.add_argument("--seed", type=int, help="sampler seed (default 0)")
+        p.add_argument("--sampler", choices=("tpe", "nsga2", "random"), help="sampler (default tpe)")
+        p.add_argument("--epochs", type=_positive_int, help="proxy training epochs (default: the proxy's)")
+        p.add_argument("--imgsz", type=_imgsz, help="proxy training and validation size (default: the proxy's)")
+        p.add_argument("--latency-imgsz", type=_imgsz, help="latency and GFLOPs input size (default: the space's)")
+        p.add_argument("--batch", type=_positive_int, help="proxy training batch size (default: the proxy's)")
+        p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+        p.add_argument("--baseline", help="baseline: a YAML of Arch params or a model YAML (default: the seed)")
+        p.add_argument("--max-failures", type=_positive_int, help="stop after this many failed trials (default 5)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars or info lines")
+
+    p = sub.add_parser("search", help="run or continue a search study", description=cmd_search.__doc__)
+    search_options(p, with_study=True)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("resume", help="continue a study (search --study NAME)", description=cmd_search.__doc__)
+    p.add_argument("study", metavar="NAME", help="study name")
+    search_options(p, with_study=False)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("export", help="write a study's Pareto files", description=cmd_export.__doc__)
+    p.add_argument("name", metavar="NAME", help="study name")
+    p.add_argument("--storage", help="Optuna storage URL (default: results/NAME/study.log)")
+    p.add_argument("--format", default="md,csv,html,json", help="comma-separated: md,csv,html,json (png always)")
+    p.add_argument("--out", help="output folder (default: results/NAME)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -1,0 +1,184 @@
+"""The search study: tiny space (widths 8|16), 16 synthetic images at 64 px, one epoch per trial."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+import nas.study
+from nas.cli import main
+from nas.study import SearchStopped, StudyError, StudySettings, counts, recover_stale_trials, run_search
+from nas.synth import SynthConfig, make_synthetic
+from nas.train import TrainingDiverged
+from space.searchspace import Arch, arch_cost, load_space
+
+TINY_SPACE = {
+    "imgsz": 64, "nc": 2,
+    "stages": {name: {"depth": [1], "width": [8, 16], "se": False} for name in ("P1", "P2", "P3", "P4", "P5")},
+    "head": {"width": [0.25], "depth": [1]},
+}
+BASELINE = {f"{name}_{key}": value for name in ("P1", "P2", "P3", "P4", "P5")
+            for key, value in (("depth", 1), ("width", 8), ("se", False))} | {"head_width": 0.25, "head_depth": 1}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("study-assets")
+    data = make_synthetic(root / "data", SynthConfig(images=16, classes=2, imgsz=64))
+    other = make_synthetic(root / "other", SynthConfig(images=10, classes=2, imgsz=64, seed=1))
+    space = root / "space.yaml"
+    space.write_text(yaml.safe_dump(TINY_SPACE))
+    baseline = root / "baseline.yaml"
+    baseline.write_text(yaml.safe_dump(BASELINE))
+    return {"root": root, "data": data, "other": other, "space": space, "baseline": baseline}
+
+
+@pytest.fixture
+def settings(assets, tmp_path, monkeypatch) -> StudySettings:
+    monkeypatch.setenv("REPNAS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    return StudySettings(
+        name="tiny", data=str(assets["data"]), space=str(assets["space"]), trials=3, seed=0, sampler="random",
+        proxy={"epochs": 1, "imgsz": 64, "batch": 8, "cache_images": False}, imgsz=64, device="cpu",
+        latency={"warmup": 0, "iters": 2, "rounds": 1}, baseline=str(assets["baseline"]), max_failures=3,
+    )
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _states(study: optuna.Study) -> list[str]:
+    return [t.state.name for t in study.trials]
+
+
+def test_three_trials_complete_with_baseline_files_and_pareto(settings, tmp_path):
+    lines: list[str] = []
+    study = run_search(settings, report=lines.append)
+    assert sum(counts(t) for t in study.trials) == 3
+    assert study.trials[0].user_attrs["baseline"] is True
+    assert study.trials[0].user_attrs["arch"] == BASELINE
+    assert study.user_attrs["baseline_latency_ms"] > 0
+    folder = tmp_path / "results" / "tiny"
+    assert (folder / "study.log").is_file()
+    for t in study.trials:
+        if t.state != TrialState.COMPLETE:
+            continue
+        files = t.user_attrs["files"]
+        assert set(files) == {"model.yaml", "weights.pt", "fused.pt", "epochs.csv", "metrics.json"}
+        for entry in files.values():
+            assert _sha(folder / entry["path"]) == entry["sha256"]
+        assert t.values[1] == pytest.approx(t.user_attrs["latency_ratio"] * study.user_attrs["baseline_latency_ms"])
+        assert t.constraints == {"budget": 0.0} and t.user_attrs["fusion_error"] < 1e-4
+        assert set(t.user_attrs["seconds"]) == {"build", "latency", "train", "fuse", "eval"}
+    for ext in ("md", "csv", "html", "json", "png"):
+        assert (folder / f"pareto.{ext}").is_file()
+    assert len(lines) == len(study.trials) and lines[0].startswith("trial    0 COMPLETE")
+
+    before = len(study.trials)
+    again = run_search(StudySettings(name="tiny", trials=4))  # stored settings reused: exactly one more counts
+    assert sum(counts(t) for t in again.trials) == 4
+    assert len([t for t in again.trials if t.number >= before and counts(t)]) == 1
+
+
+def test_stale_running_trial_is_failed_and_requeued(settings):
+    run_search(replace(settings, trials=1))
+    study = optuna.load_study(study_name="tiny", storage=nas.study.storage_for(settings))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    trial = study.ask({"P1_width": optuna.distributions.CategoricalDistribution([8, 16])})
+    arch = dict(BASELINE, P1_width=16)
+    trial.set_user_attr("arch", arch)
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", dead.pid)
+    alive = study.ask()
+    alive.set_user_attr("host", socket.gethostname())
+    alive.set_user_attr("pid", os.getpid())
+
+    assert recover_stale_trials(study) == [trial.number]
+    frozen = study.trials[trial.number]
+    assert frozen.state == TrialState.FAIL and frozen.user_attrs["fail_reason"] == "stale: worker died"
+    assert study.trials[alive.number].state == TrialState.RUNNING  # its worker (this process) lives
+    waiting = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [arch]
+    assert recover_stale_trials(study) == []  # once
+    assert len([t for t in study.trials if t.state == TrialState.WAITING]) == 1
+
+
+def test_diverging_trial_fails_and_the_study_finishes_its_count(settings, monkeypatch, tmp_path):
+    real_fit, calls = nas.study.fit, []
+
+    def fit(model, data, cfg):
+        calls.append(1)
+        if len(calls) == 2:
+            raise TrainingDiverged("loss became nan at epoch 1")
+        return real_fit(model, data, cfg)
+
+    monkeypatch.setattr(nas.study, "fit", fit)
+    study = run_search(settings)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and sum(counts(t) for t in study.trials) == 3
+    assert failed[0].user_attrs["fail_reason"] == "TrainingDiverged: loss became nan at epoch 1"
+    traceback_txt = tmp_path / "results/tiny/trials" / str(failed[0].number) / "traceback.txt"
+    assert "TrainingDiverged" in traceback_txt.read_text()
+
+
+def test_max_failures_stops_a_study_where_every_trial_fails(settings, monkeypatch):
+    def fit(model, data, cfg):
+        raise TrainingDiverged("loss became nan")
+
+    monkeypatch.setattr(nas.study, "fit", fit)
+    with pytest.raises(SearchStopped, match="2 trials failed"):
+        run_search(replace(settings, max_failures=2))
+    study = optuna.load_study(study_name="tiny", storage=nas.study.storage_for(settings))
+    assert _states(study) == ["FAIL", "FAIL"]
+
+
+def test_over_budget_archs_are_rejected_before_training_and_do_not_count(settings, assets, monkeypatch):
+    space = dict(TINY_SPACE, budgets={"max_params": arch_cost(Arch.from_params(BASELINE, load_space(assets["space"])),
+                                                               64, 2)[0]})
+    tight = assets["root"] / "tight.yaml"
+    tight.write_text(yaml.safe_dump(space))
+    real_fit, calls = nas.study.fit, []
+    monkeypatch.setattr(nas.study, "fit", lambda *a: calls.append(1) or real_fit(*a))
+    with pytest.raises(SearchStopped, match="over budget or already trained"):
+        run_search(replace(settings, space=str(tight), trials=2))
+    study = optuna.load_study(study_name="tiny", storage=nas.study.storage_for(settings))
+    assert len(calls) == 1 and study.trials[0].state == TrialState.COMPLETE  # the baseline only
+    rejected = [t for t in study.trials if t.user_attrs.get("rejected")]
+    assert rejected and all(t.state == TrialState.PRUNED and not counts(t) for t in rejected)
+    assert all("max_params" in t.user_attrs["rejected"] and t.constraints == {"budget": 1.0} for t in rejected)
+    assert not any((Path("results/tiny/trials") / str(t.number) / "weights.pt").exists() for t in rejected)
+
+
+def test_changed_data_on_resume_is_refused_naming_the_field(settings, assets, monkeypatch):
+    monkeypatch.setattr(nas.study, "fit", lambda *a: (_ for _ in ()).throw(TrainingDiverged("skip")))
+    with pytest.raises(SearchStopped):
+        run_search(replace(settings, max_failures=1))
+    with pytest.raises(StudyError, match=r"created with data='.*data\.yaml'; resuming with data='.*other"):
+        run_search(StudySettings(name="tiny", data=str(assets["other"])))
+
+
+def test_cli_search_then_export_and_bad_names(settings, assets, tmp_path, capsys):
+    assert main(["search", "--study", "cli", "--data", str(assets["data"]), "--space", str(assets["space"]),
+                 "--baseline", str(assets["baseline"]), "--trials", "1", "--epochs", "1", "--imgsz", "64",
+                 "--batch", "8", "--latency-imgsz", "64", "--device", "cpu", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "trial    0 COMPLETE" in out and "study cli: 1 trials, 1 complete" in out
+    assert main(["export", "cli", "--format", "md,json", "--out", str(tmp_path / "exported")]) == 0
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["pareto.json", "pareto.md", "pareto.png"]
+    assert main(["search", "--study", "../escape"]) == 2
+    assert main(["export", "a/b"]) == 2
+    assert main(["export", "missing"]) == 2
+    err = capsys.readouterr().err
+    assert "study name '../escape' is not allowed" in err and "no study 'missing'" in err
