@@ -120,7 +120,6 @@ def _fresh_dir(base: Path) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a model YAML on a dataset (proxy settings), evaluate it, and write weights and metrics."""
-    import csv
     import io
     import json
 
@@ -128,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from nas.data import load_data_config
     from nas.files import write_bytes_atomic, write_text_atomic
-    from nas.train import ProxyConfig, fit
+    from nas.train import ProxyConfig, epochs_csv, fit
     from space.builder import build_model
     from space.cost import model_cost
     from space.yamlio import format_model_yaml
@@ -151,12 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     write_bytes_atomic(out / "weights.pt", buffer.getvalue())
     write_text_atomic(out / "model.yaml", format_model_yaml(model.yaml | {"nc": data.nc},
                                                             header=f"trained by repnas on {data.source}"))
-    rows = io.StringIO()
-    fields = ["epoch", "box", "obj", "cls", "lr", "map50_95", "map50", "train_seconds"]
-    writer = csv.DictWriter(rows, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(result.history)
-    write_text_atomic(out / "epochs.csv", rows.getvalue())
+    write_text_atomic(out / "epochs.csv", epochs_csv(result.history))
     metrics = {
         "map50_95": result.metrics.map50_95, "map50": result.metrics.map50, "params": cost.params,
         "gflops": cost.gflops, "params_deploy": cost.params_deploy, "gflops_deploy": cost.gflops_deploy,

@@ -36,7 +36,7 @@ from nas.evaluate import evaluate
 from nas.files import write_bytes_atomic, write_text_atomic
 from nas.latency import LatencyConfig, measure_latency
 from nas.pareto import FORMATS, TrialRecord, export_pareto
-from nas.train import ProxyConfig, fit, resolve_device
+from nas.train import ProxyConfig, epochs_csv, fit, resolve_device
 from pruning.reparam import fuse_model, fusion_error
 from space.blocks import make_divisible
 from space.builder import build_model
@@ -297,17 +297,6 @@ def _state_bytes(model: torch.nn.Module) -> bytes:
     return buffer.getvalue()
 
 
-def _epochs_csv(history: list[dict]) -> str:
-    import csv
-
-    rows = io.StringIO()
-    fields_ = ["epoch", "box", "obj", "cls", "lr", "map50_95", "map50", "train_seconds"]
-    writer = csv.DictWriter(rows, fieldnames=fields_, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history)
-    return rows.getvalue()
-
-
 def device_label(info: dict) -> str:
     if info.get("type") == "cuda":
         return str(info.get("name"))
@@ -379,7 +368,7 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
     cfg = proxy_config(settings)
     result = fit(model, data_cfg, cfg)
     save("weights.pt", _state_bytes(model))
-    save("epochs.csv", _epochs_csv(result.history).encode())
+    save("epochs.csv", epochs_csv(result.history).encode())
     phases["train"] = time.perf_counter() - start
 
     start = time.perf_counter()

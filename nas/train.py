@@ -101,6 +101,21 @@ class FitResult:
     stopped_early: bool
 
 
+EPOCH_COLUMNS = ("epoch", "box", "obj", "cls", "lr", "map50_95", "map50", "train_seconds", "skipped_steps")
+
+
+def epochs_csv(history: list[dict]) -> str:
+    """`FitResult.history` as CSV text (one row per epoch; mAP empty where the epoch was not validated)."""
+    import csv
+    import io
+
+    rows = io.StringIO()
+    writer = csv.DictWriter(rows, fieldnames=EPOCH_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    return rows.getvalue()
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N' or an int index -> torch.device, or a clear error."""
     if device is None or device == "auto":
