@@ -296,6 +296,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    """One screen about a study: settings, trials by state and failure reason, the front, time left."""
+    from nas.study import check_study_name, show_study
+
+    check_study_name(args.name)
+    print(show_study(args.name, storage=args.storage))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a study's Pareto table (md, csv, html, json; pareto.png always) into results/NAME or --out."""
     from nas.study import check_study_name, export_study
@@ -407,6 +416,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("study", metavar="NAME", help="study name")
     search_options(p, with_study=False)
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("show", help="one screen about a study", description=cmd_show.__doc__)
+    p.add_argument("name", metavar="NAME", help="study name")
+    p.add_argument("--storage", help="Optuna storage URL (default: results/NAME/study.log)")
+    p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("export", help="write a study's Pareto files", description=cmd_export.__doc__)
     p.add_argument("name", metavar="NAME", help="study name")

@@ -577,3 +577,62 @@ def summary_line(study: optuna.Study) -> str:
             f"{by_state[TrialState.FAIL]} failed, {rejected} rejected or duplicate; {front} on the Pareto front")
 
 
+
+
+def show_study(name: str, *, storage: str | None = None, results: str = "results") -> str:
+    """One screen about a study: settings, trials by state (failures by reason), the front, time left."""
+    from collections import Counter
+
+    import numpy as np
+
+    from nas.pareto import default_reference, hypervolume, pareto_table
+
+    study = load_study(name, storage=storage, results=results)
+    settings = StudySettings(name=name, storage=storage, results=results)
+    stored = json.loads(study.user_attrs.get(SETTINGS_ATTR, "{}"))
+    trials = study.get_trials(deepcopy=False)
+    counted = [t for t in trials if counts(t)]
+    target = stored.get("trials") or 0
+    lines = [f"study {name} ({storage or settings.folder / 'study.log'})"]
+    shown = ("data", "space", "trials", "sampler", "seed", "proxy", "imgsz", "batch", "device", "baseline")
+    lines += [f"  {key}: {stored.get(key)}" for key in shown if key in stored]
+    baseline_ms = study.user_attrs.get("baseline_latency_ms")
+    if baseline_ms is not None:
+        lines.append(f"  baseline latency (frozen at creation): {baseline_ms:.3f} ms")
+    states = Counter(t.state.name for t in trials)
+    lines.append(f"trials: {len(trials)} in all, {len(counted)} of {target} counted; "
+                 + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
+    rejected = Counter(t.user_attrs.get("pruned_reason") for t in trials
+                       if t.state == TrialState.PRUNED and not counts(t))
+    if rejected:
+        lines.append("  rejected before training: " + ", ".join(f"{n} {r}" for r, n in rejected.most_common()))
+    failures = Counter(str(t.user_attrs.get("fail_reason", "unknown"))[:80] for t in trials
+                       if t.state == TrialState.FAIL)
+    if failures:
+        lines.append("  failed: " + "; ".join(f"{n} x {r}" for r, n in failures.most_common()))
+    records = trial_records(study, settings)
+    table = pareto_table(records)
+    front = table[table["pareto"]] if len(table) else table
+    if len(front):
+        reference = default_reference(records)
+        done = table.dropna(subset=["map50_95", "latency_ms"])
+        hv = hypervolume(done["map50_95"].to_numpy(float), done["latency_ms"].to_numpy(float), reference)
+        lines.append(f"Pareto front: {len(front)} trials; hypervolume {hv:.4g} (reference mAP50-95 "
+                     f"{reference[0]:g}, latency {reference[1]:.3f} ms)")
+        lines.append(f"  {'latency_ms':>10} {'mAP50-95':>9} {'mAP50':>7} {'trial':>6}  best mAP at this latency")
+        for _, row in front.iterrows():
+            mark = " (baseline)" if row["baseline"] else (" beats baseline" if row["dominates_baseline"] else "")
+            lines.append(f"  {row['latency_ms']:>10.3f} {row['map50_95']:>9.4f} {row['map50']:>7.4f} "
+                         f"{row['trial']:>6}{mark}")
+    else:
+        lines.append("Pareto front: no finished trial yet")
+    seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in counted
+               if t.datetime_start and t.datetime_complete]
+    left = max(target - len(counted), 0)
+    if left and seconds:
+        eta = float(np.mean(seconds)) * left
+        lines.append(f"time left: ~{eta / 60:.1f} min for {left} more trials at {np.mean(seconds):.0f} s each "
+                     "(one worker)")
+    elif not left:
+        lines.append("time left: none, the study has its trials")
+    return "\n".join(lines)

@@ -131,6 +131,12 @@ def test_diverging_trial_fails_and_the_study_finishes_its_count(settings, monkey
     assert failed[0].user_attrs["fail_reason"] == "TrainingDiverged: loss became nan at epoch 1"
     traceback_txt = tmp_path / "results/tiny/trials" / str(failed[0].number) / "traceback.txt"
     assert "TrainingDiverged" in traceback_txt.read_text()
+    screen = nas.study.show_study("tiny")  # `repnas show`: failures counted by reason, the front, time left
+    assert "4 in all, 3 of 3 counted" in screen
+    assert "failed: 1 x TrainingDiverged: loss became nan at epoch 1" in screen
+    assert "Pareto front: " in screen and "; hypervolume " in screen
+    assert screen.splitlines()[-1] == "time left: none, the study has its trials"
+    assert main(["show", "tiny"]) == 0
 
 
 def test_max_failures_stops_a_study_where_every_trial_fails(settings, monkeypatch):
