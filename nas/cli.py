@@ -120,13 +120,10 @@ def _fresh_dir(base: Path) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a model YAML on a dataset (proxy settings), evaluate it, and write weights and metrics."""
-    import io
     import json
 
-    import torch
-
     from nas.data import load_data_config
-    from nas.files import write_bytes_atomic, write_text_atomic
+    from nas.files import state_dict_bytes, write_bytes_atomic, write_text_atomic
     from nas.train import ProxyConfig, epochs_csv, fit
     from space.builder import build_model
     from space.cost import model_cost
@@ -145,9 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _fresh_dir(Path("results") / "train" / Path(args.model).stem)
     out.mkdir(parents=True, exist_ok=True)
     result = fit(model, data, cfg)
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
-    write_bytes_atomic(out / "weights.pt", buffer.getvalue())
+    write_bytes_atomic(out / "weights.pt", state_dict_bytes(model))
     write_text_atomic(out / "model.yaml", format_model_yaml(model.yaml | {"nc": data.nc},
                                                             header=f"trained by repnas on {data.source}"))
     write_text_atomic(out / "epochs.csv", epochs_csv(result.history))
@@ -246,7 +241,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
     if args.fused:
         model = fuse_model(model)
     reference = fuse_model(build_model(args.reference)) if args.reference else None
-    defaults = LatencyConfig() if device.type == "cuda" else LatencyConfig(warmup=3, iters=30)
+    defaults = LatencyConfig.for_device(device)
     try:
         cfg = LatencyConfig(warmup=defaults.warmup, iters=args.iters or defaults.iters,
                             rounds=min(defaults.rounds, args.iters or defaults.iters), half=not args.fp32,

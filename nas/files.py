@@ -22,5 +22,16 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         raise
 
 
+def state_dict_bytes(model) -> bytes:
+    """The model's state_dict (tensors on the CPU) as torch.save bytes: loadable with weights_only=True."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    return buffer.getvalue()
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))

@@ -31,6 +31,12 @@ class LatencyConfig:
     cuda_graph: bool = False
     threads: int | None = None  # CPU: torch threads while timing (None: leave as is)
 
+    @classmethod
+    def for_device(cls, device: torch.device, **changes) -> LatencyConfig:
+        """The defaults for `device`: fewer iterations on a CPU, where one forward pass takes 100x longer."""
+        base = {} if device.type == "cuda" else {"warmup": 3, "iters": 30}
+        return cls(**(base | changes))
+
     def __post_init__(self):
         if self.warmup < 0 or self.iters < 1 or self.rounds < 1 or self.iters < self.rounds:
             raise ValueError(f"LatencyConfig: need warmup >= 0 and iters >= rounds >= 1, got warmup={self.warmup}, "

@@ -13,7 +13,6 @@ explicit change to what makes trials comparable (data, space, imgsz, ...) is ref
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas.data import DataConfig, load_data_config
 from nas.evaluate import evaluate
-from nas.files import write_bytes_atomic, write_text_atomic
+from nas.files import state_dict_bytes, write_bytes_atomic, write_text_atomic
 from nas.latency import LatencyConfig, measure_latency
 from nas.pareto import FORMATS, TrialRecord, export_pareto
 from nas.train import ProxyConfig, epochs_csv, fit, resolve_device
@@ -166,9 +165,8 @@ def proxy_config(settings: StudySettings) -> ProxyConfig:
 
 
 def latency_config(settings: StudySettings, device: torch.device) -> LatencyConfig:
-    base = {} if device.type == "cuda" else {"warmup": 3, "iters": 30}  # CPU: the CLI's lighter defaults
     try:
-        return LatencyConfig(**(base | (settings.latency or {})))
+        return LatencyConfig.for_device(device, **(settings.latency or {}))
     except (TypeError, ValueError) as err:
         raise StudyError(f"latency settings {settings.latency}: {err}") from None
 
@@ -291,12 +289,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _state_bytes(model: torch.nn.Module) -> bytes:
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
-    return buffer.getvalue()
-
-
 def device_label(info: dict) -> str:
     if info.get("type") == "cuda":
         return str(info.get("name"))
@@ -377,7 +369,7 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
     start = time.perf_counter()
     cfg = proxy_config(settings)
     result = fit(model, data_cfg, cfg)
-    save("weights.pt", _state_bytes(model))
+    save("weights.pt", state_dict_bytes(model))
     save("epochs.csv", epochs_csv(result.history).encode())
     phases["train"] = time.perf_counter() - start
 
@@ -389,7 +381,7 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
     trial.set_user_attr("fusion_error", error)
     if not error < FUSION_TOLERANCE:
         raise RuntimeError(f"fusion changed the outputs: relative error {error:.2e} >= {FUSION_TOLERANCE:g}")
-    save("fused.pt", _state_bytes(fused))
+    save("fused.pt", state_dict_bytes(fused))
     phases["fuse"] = time.perf_counter() - start
 
     start = time.perf_counter()
