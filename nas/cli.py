@@ -272,8 +272,28 @@ def _study_settings(args: argparse.Namespace):
     return StudySettings(
         name=args.study, storage=args.storage, data=args.data, space=args.space, trials=args.trials, seed=args.seed,
         sampler=args.sampler, proxy=proxy or None, imgsz=args.latency_imgsz, device=args.device,
-        baseline=args.baseline, max_failures=args.max_failures, quiet=args.quiet,
+        baseline=args.baseline, max_failures=args.max_failures, max_latency_ms=args.max_latency_ms,
+        max_latency_ratio=args.max_latency_ratio, early_stop=None if args.early_stop is None else
+        {"enabled": args.early_stop}, keep_weights=args.keep_weights, artifacts=args.artifacts,
+        stale_after=args.stale_after, quiet=args.quiet,
     )
+
+
+def _devices(text: str) -> list[str]:
+    items = [x.strip() for x in text.split(",")]
+    if not items or not all(x.isdigit() for x in items):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of CUDA indices, e.g. 0,1,2,3")
+    return items
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -285,7 +305,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         settings = _study_settings(args)
     except InvalidStudyName as err:
         raise UsageError(str(err)) from None
-    study = run_search(settings, report=lambda line: print(line, flush=True))
+    if args.devices and not __import__("torch").cuda.is_available():
+        raise UsageError(f"--devices {','.join(args.devices)}: no CUDA device is available here; drop --devices")
+    study = run_search(settings, report=lambda line: print(line, flush=True), workers=args.workers,
+                       devices=args.devices or (), force=args.force, enqueue=args.enqueue or ())
     print(summary_line(study))
     print(f"Pareto files: {settings.folder}/pareto.{{md,csv,html,json,png}}")
     return 0
@@ -297,6 +320,18 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     check_study_name(args.name)
     print(show_study(args.name, storage=args.storage))
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    """Delete the weight files of trials that are neither on the Pareto front nor in the top-K by mAP50-95."""
+    from nas.study import check_study_name, clean_study
+
+    check_study_name(args.name)
+    if args.keep_weights is not None and args.keep_weights < 0:
+        raise UsageError(f"--keep-weights {args.keep_weights} must be >= 0")
+    removed, kept = clean_study(args.name, args.keep_weights, storage=args.storage)
+    print(f"removed {len(removed)} weight files; kept weights of trials {sorted(kept)}")
     return 0
 
 
@@ -401,6 +436,27 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
         p.add_argument("--baseline", help="baseline: a YAML of Arch params or a model YAML (default: the seed)")
         p.add_argument("--max-failures", type=_positive_int, help="stop after this many failed trials (default 5)")
+        p.add_argument("--max-latency-ms", type=_positive_float,
+                       help="reject Archs slower than this (ms, the study's latency objective) before training")
+        p.add_argument("--max-latency-ratio", type=_positive_float,
+                       help="reject Archs slower than this ratio to the baseline before training")
+        p.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=None,
+                       help="stop a trial's training when a no-slower finished trial was clearly better at the "
+                            "same epoch (default on; see nas/earlystop.py)")
+        p.add_argument("--keep-weights", type=int, metavar="K",
+                       help="keep weights only for the Pareto front and the top-K by mAP (default: keep all)")
+        p.add_argument("--artifacts", metavar="DIR",
+                       help="shared folder for trial folders, DIR/NAME/N (default results/NAME/trials/N)")
+        p.add_argument("--stale-after", type=_positive_float, metavar="SECONDS",
+                       help="a RUNNING trial without a heartbeat this long is taken for dead (default 600)")
+        p.add_argument("--workers", type=_positive_int, default=1,
+                       help="worker processes on this machine against the one storage (default 1)")
+        p.add_argument("--devices", type=_devices, metavar="0,1,..",
+                       help="CUDA devices: worker i uses device i mod len (sets --workers to at least len)")
+        p.add_argument("--enqueue", nargs="+", metavar="A.yaml",
+                       help="known candidates to try first: YAMLs of Arch params or model YAMLs")
+        p.add_argument("--force", action="store_true",
+                       help="on resume, accept changed settings that make trials incomparable")
         p.add_argument("--quiet", action="store_true", help="no progress bars or info lines")
 
     p = sub.add_parser("search", help="run or continue a search study", description=cmd_search.__doc__)
@@ -411,6 +467,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("study", metavar="NAME", help="study name")
     search_options(p, with_study=False)
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("clean", help="delete weights off the front and the top-k", description=cmd_clean.__doc__)
+    p.add_argument("name", metavar="NAME", help="study name")
+    p.add_argument("--storage", help="Optuna storage URL (default: results/NAME/study.log)")
+    p.add_argument("--keep-weights", type=int, metavar="K",
+                   help="also keep the top-K by mAP50-95 (default: the study's --keep-weights, else 0)")
+    p.set_defaults(func=cmd_clean)
 
     p = sub.add_parser("show", help="one screen about a study", description=cmd_show.__doc__)
     p.add_argument("name", metavar="NAME", help="study name")

@@ -2,12 +2,20 @@
 proxy training -> fusion -> evaluation, with two objectives (mAP50-95 up, latency_ms down).
 
 Storage: by default an Optuna journal file, `results/NAME/study.log` (`JournalStorage(JournalFileBackend)`): several
-worker processes on one machine share it safely through a file lock, which SQLite under concurrent writers does not
-do reliably. `--storage URL` takes any Optuna RDB URL (PostgreSQL/MySQL for many machines). Trial files go to
-`results/NAME/trials/N/`, the live Pareto files to `results/NAME/`.
+worker processes on one machine share it safely through a file lock (appends only, no "database is locked"), which
+SQLite under concurrent writers does not do reliably (Optuna itself advises against SQLite for parallel workers).
+`--storage URL` takes any Optuna RDB URL (PostgreSQL/MySQL for workers on many machines). Trial files go to
+`results/NAME/trials/N/` (or `--artifacts DIR` -> `DIR/NAME/N/`), the live Pareto files to `results/NAME/`.
+
+Workers: `--workers N` starts N worker processes (`python -m nas.study --worker ...`) against the one storage;
+each claims trials with `claim_trial` (a file lock around count + ask on a local journal; for any storage, a trial
+whose number comes after `--trials` busy ones is released as "surplus", so a study never overshoots). Every
+running trial holds a lease: its worker's host and PID and a heartbeat time renewed every HEARTBEAT_S seconds;
+`recover_stale_trials` fails a RUNNING trial whose worker is gone (same host: its PID is dead; any host: no
+heartbeat for `stale_after` seconds) and enqueues its Arch once more.
 
 The study's settings are stored as JSON in its user attrs when it is created; a resumed study reuses them, and an
-explicit change to what makes trials comparable (data, space, imgsz, ...) is refused.
+explicit change to what makes trials comparable (data, space, imgsz, ...) is refused unless forced.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -31,8 +40,9 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.data import DataConfig, load_data_config
+from nas.earlystop import EarlyStopConfig, Finished, curve_from_attr, should_stop
 from nas.evaluate import evaluate
-from nas.files import state_dict_bytes, write_bytes_atomic, write_text_atomic
+from nas.files import file_lock, host_lock_path, state_dict_bytes, write_bytes_atomic, write_text_atomic
 from nas.latency import LatencyConfig, measure_latency
 from nas.pareto import FORMATS, TrialRecord, export_pareto
 from nas.train import ProxyConfig, epochs_csv, fit, resolve_device
@@ -73,8 +83,12 @@ class StudySettings:
     """What a study is. A field left None means "not given": the stored value on resume, else the default.
 
     `proxy` holds ProxyConfig fields to change from its defaults (e.g. {"epochs": 5}); `latency` LatencyConfig
-    fields. `imgsz`/`batch` are the latency input (None: the space's imgsz, batch 1). `baseline` is a YAML with
-    the baseline's Arch params, or a model YAML that an Arch of the space writes (None: `seed_arch(space)`).
+    fields; `early_stop` EarlyStopConfig fields. `imgsz`/`batch` are the latency input (None: the space's imgsz,
+    batch 1). `baseline` is a YAML with the baseline's Arch params, or a model YAML that an Arch of the space writes
+    (None: `seed_arch(space)`). `max_latency_ms`/`max_latency_ratio` reject slower Archs before training.
+    `keep_weights` k: keep weights only for the front and the top-k by mAP. `artifacts`: the shared folder holding
+    trial folders (DIR/NAME/N; None: results/NAME/trials/N). `stale_after`: seconds without a heartbeat after which
+    a RUNNING trial of another host is taken for dead.
     """
 
     name: str = "default"
@@ -91,6 +105,12 @@ class StudySettings:
     latency: dict | None = None
     baseline: str | None = None
     max_failures: int | None = None
+    max_latency_ms: float | None = None
+    max_latency_ratio: float | None = None
+    early_stop: dict | None = None
+    keep_weights: int | None = None
+    artifacts: str | None = None
+    stale_after: float | None = None
     results: str = "results"  # root folder of study folders
     quiet: bool = True
 
@@ -102,16 +122,28 @@ class StudySettings:
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise StudyError(f"{key}={value!r} must be a positive integer")
+        if self.keep_weights is not None and (not isinstance(self.keep_weights, int) or self.keep_weights < 0):
+            raise StudyError(f"keep_weights={self.keep_weights!r} must be an integer >= 0")
+        for key in ("max_latency_ms", "max_latency_ratio", "stale_after"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise StudyError(f"{key}={value!r} must be a positive number")
 
     @property
     def folder(self) -> Path:
         return Path(self.results) / self.name
 
+    @property
+    def trials_root(self) -> Path:
+        """Where trial folders live: DIR/NAME for --artifacts DIR, else results/NAME/trials."""
+        return Path(self.artifacts) / self.name if self.artifacts else self.folder / "trials"
+
 
 DEFAULTS: dict[str, Any] = {"space": "default", "trials": 20, "seed": 0, "sampler": "tpe", "proxy": {},
-                            "batch": 1, "device": "auto", "latency": {}, "max_failures": 5}
-# Changing these mid-study would make trials incomparable: refused on resume.
-FROZEN = ("data", "space", "imgsz", "batch", "proxy", "latency", "baseline", "device")
+                            "batch": 1, "device": "auto", "latency": {}, "max_failures": 5, "early_stop": {},
+                            "stale_after": 600.0}
+# Changing these mid-study would make trials incomparable (or scatter their files): refused on resume.
+FROZEN = ("data", "space", "imgsz", "batch", "proxy", "latency", "baseline", "device", "artifacts")
 STORED = tuple(f.name for f in fields(StudySettings) if f.name not in ("name", "storage", "results", "quiet"))
 
 
@@ -126,30 +158,32 @@ def _normalise(key: str, value: Any) -> Any:
     """Paths become absolute so a study resumed from another folder compares and finds the same files."""
     if value is None:
         return None
-    if key in ("data", "baseline") or (key == "space" and value != "default"):
+    if key in ("data", "baseline", "artifacts") or (key == "space" and value != "default"):
         return str(Path(value).expanduser().resolve())
-    if key in ("proxy", "latency"):
+    if key in ("proxy", "latency", "early_stop"):
         return json.loads(json.dumps(value, sort_keys=True))
     return value
 
 
-def merge_settings(given: StudySettings, stored: dict | None) -> StudySettings:
+def merge_settings(given: StudySettings, stored: dict | None, *, force: bool = False) -> StudySettings:
     """`given` with its unset fields filled from `stored` (a resumed study) and then the defaults.
 
-    Raises StudyError when `given` explicitly changes a FROZEN field of a stored study.
+    Raises StudyError naming every FROZEN field that `given` explicitly changes in a stored study, unless `force`.
     """
-    values = {}
+    values, changed = {}, []
     for key in STORED:
         new = _normalise(key, getattr(given, key))
         if stored is not None and key in stored:
             old = stored[key]
             if new is not None and key in FROZEN and new != old:
-                raise StudyError(f"study {given.name!r} was created with {key}={old!r}; resuming with "
-                                 f"{key}={new!r} would make its trials incomparable. Drop the option to resume, "
-                                 "or start a new study with --study OTHER_NAME")
+                changed.append(f"{key}: {old!r} -> {new!r}")
             values[key] = old if new is None else new
         else:
             values[key] = DEFAULTS.get(key) if new is None else new
+    if changed and not force:
+        raise StudyError(f"study {given.name!r} was created with other settings; resuming with "
+                         f"{'; '.join(changed)} would make its trials incomparable. Drop the option(s) to resume, "
+                         "pass --force to accept the change, or start a new study with --study OTHER_NAME")
     return replace(given, **values)
 
 
@@ -251,29 +285,67 @@ def _load_stored(settings: StudySettings) -> dict | None:
     return json.loads(raw) if raw else None
 
 
-def create_or_load_study(settings: StudySettings) -> optuna.Study:
+def environment() -> dict:
+    """Versions that produced a study's numbers: repnas (and its git commit), Python, torch, CUDA, cuDNN, optuna."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    try:
+        version = metadata.version("repnas")
+    except metadata.PackageNotFoundError:
+        version = None
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        git = None
+    cudnn = torch.backends.cudnn.version() if torch.cuda.is_available() else None
+    return {"repnas": version, "git": git, "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "cudnn": cudnn, "optuna": optuna.__version__, "host": socket.gethostname()}
+
+
+def load_enqueue(path: str, space: Space) -> dict:
+    """Arch params of a known candidate to enqueue: a YAML of Arch params or a model YAML (as --baseline)."""
+    return load_baseline(path, space).to_params()
+
+
+def create_or_load_study(settings: StudySettings, *, enqueue: Sequence[str] = ()) -> optuna.Study:
     """Create the study (frozen baseline latency measured, baseline enqueued as trial 0) or load it.
 
-    `settings` must be resolved (`merge_settings`); `run_search` does that.
+    `settings` must be resolved (`merge_settings`); `run_search` does that. A loaded study whose stored settings
+    differ from `settings` (a forced change) gets them replaced, the change kept in "settings_history". `enqueue`:
+    YAMLs of known candidates to enqueue (after the baseline).
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage_for(settings), study_name=settings.name, load_if_exists=True,
                                 directions=["maximize", "minimize"], sampler=make_sampler(settings))
-    if SETTINGS_ATTR in study.user_attrs:
-        return study
     space = load_space(settings.space)
-    data_cfg = load_data_config(settings.data)
-    baseline = load_baseline(settings.baseline, space)
-    device = resolve_device(settings.device)
-    fused = fuse_model(build_model(baseline.to_yaml(data_cfg.nc)))
-    lat = measure_latency(fused, settings.imgsz or space.imgsz, settings.batch, device,
-                          latency_config(settings, device))
-    study.set_user_attr("baseline_latency_ms", lat.median_ms)
-    study.set_user_attr("baseline_latency", lat.to_dict())
-    study.set_user_attr("baseline_params", baseline.to_params())
-    study.enqueue_trial(baseline.to_params(), user_attrs={"baseline": True})
-    study.set_user_attr(SETTINGS_ATTR, settings_json(settings))  # last: a study without it is not yet created
-    LOG.info("created study %s: baseline latency %.3f ms on %s", settings.name, lat.median_ms, lat.device["name"])
+    extra = [load_enqueue(path, space) for path in enqueue]  # all checked before anything is written
+    if SETTINGS_ATTR in study.user_attrs:
+        if study.user_attrs[SETTINGS_ATTR] != settings_json(settings):
+            history = list(study.user_attrs.get("settings_history", []))
+            history.append({"time": time.time(), "settings": json.loads(study.user_attrs[SETTINGS_ATTR])})
+            study.set_user_attr("settings_history", history)
+            study.set_user_attr(SETTINGS_ATTR, settings_json(settings))
+    else:
+        data_cfg = load_data_config(settings.data)
+        baseline = load_baseline(settings.baseline, space)
+        device = resolve_device(settings.device)
+        fused = fuse_model(build_model(baseline.to_yaml(data_cfg.nc)))
+        with file_lock(host_lock_path("latency")):
+            lat = measure_latency(fused, settings.imgsz or space.imgsz, settings.batch, device,
+                                  latency_config(settings, device))
+        study.set_user_attr("baseline_latency_ms", lat.median_ms)
+        study.set_user_attr("baseline_latency", lat.to_dict())
+        study.set_user_attr("baseline_params", baseline.to_params())
+        study.set_user_attr("environment", environment())
+        study.enqueue_trial(baseline.to_params(), user_attrs={"baseline": True})
+        study.set_user_attr(SETTINGS_ATTR, settings_json(settings))  # last: a study without it is not yet created
+        LOG.info("created study %s: baseline latency %.3f ms on %s", settings.name, lat.median_ms,
+                 lat.device["name"])
+    for params in extra:
+        study.enqueue_trial(params, user_attrs={"enqueued": True}, skip_if_exists=True)
     return study
 
 
@@ -283,6 +355,10 @@ def create_or_load_study(settings: StudySettings) -> optuna.Study:
 
 class TrialRejected(optuna.TrialPruned):
     """Pruned before training: over budget, or an Arch already trained in this study. Does not count."""
+
+
+NOT_COUNTED = ("rejected", "duplicate", "surplus")  # pruned_reason values of trials that do not count
+HEARTBEAT_S = 30.0  # a running trial's lease is renewed this often
 
 
 def _sha256(data: bytes) -> str:
@@ -296,11 +372,20 @@ def device_label(info: dict) -> str:
 
 
 def trial_folder(settings: StudySettings, number: int) -> Path:
-    return settings.folder / "trials" / str(number)
+    return settings.trials_root / str(number)
 
 
 def _completed_archs(study: optuna.Study) -> list[dict]:
     return [t.user_attrs.get("arch") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+
+def _finished_for_rule(study: optuna.Study) -> list[Finished]:
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        latency = t.user_attrs.get("latency_ms")
+        if latency is not None and t.user_attrs.get("curve"):
+            out.append(Finished(t.number, float(latency), curve_from_attr(t.user_attrs["curve"])))
+    return out
 
 
 def _fusion_error_fp32(model: torch.nn.Module, fused: torch.nn.Module, x: torch.Tensor) -> float:
@@ -313,21 +398,36 @@ def _fusion_error_fp32(model: torch.nn.Module, fused: torch.nn.Module, x: torch.
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(err)
+
+
 def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_cfg: DataConfig,
               baseline_fused: torch.nn.Module) -> tuple[float, float]:
     """Take one sampled Arch through the pipeline; return (mAP50-95, latency objective in ms).
 
-    Raises TrialRejected (over budget / duplicate) before any training, and lets any other error through.
+    Raises TrialRejected (over a budget / duplicate) before any training, optuna.TrialPruned when the early-stopping
+    rule stops training (partial metrics kept), and lets any other error through. CUDA out of memory in training is
+    retried once at half the batch.
     """
     phases: dict[str, float] = {}
     folder = trial_folder(settings, trial.number)
     folder.mkdir(parents=True, exist_ok=True)
     is_baseline = bool(trial.user_attrs.get("baseline"))
     files: dict[str, str] = {}
+    rel = folder.relative_to(settings.trials_root).as_posix()
 
     def save(name: str, data: bytes) -> None:
         write_bytes_atomic(folder / name, data)
         files[name] = _sha256(data)
+        trial.set_user_attr("files", {n: {"path": f"{rel}/{n}", "sha256": d} for n, d in files.items()})
+
+    def reject(key: str, value: float, why: str) -> None:
+        trial.set_user_attr("constraints", [value])
+        trial.set_constraint(key, value)
+        trial.set_user_attr("rejected", why)
+        trial.set_user_attr("pruned_reason", "rejected")
+        raise TrialRejected(f"over budget: {why}")
 
     start = time.perf_counter()
     arch = sample_arch(trial, space)
@@ -347,17 +447,14 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
     trial.set_user_attr("gflops_imgsz", imgsz)
     violation = space.budget_violation(budget_cost.params_deploy, budget_cost.gflops_deploy)
     if violation and not is_baseline:  # the baseline is the reference row of every table: never rejected
-        trial.set_user_attr("constraints", [1.0])
-        trial.set_constraint("budget", 1.0)
-        trial.set_user_attr("rejected", violation)
-        trial.set_user_attr("pruned_reason", "rejected")
-        raise TrialRejected(f"over budget: {violation}")
+        reject("budget", 1.0, violation)
     phases["build"] = time.perf_counter() - start
 
     start = time.perf_counter()
     device = resolve_device(settings.device)
-    lat = measure_latency(fuse_model(model), imgsz, settings.batch, device, latency_config(settings, device),
-                          reference=baseline_fused)
+    with file_lock(host_lock_path("latency")):  # workers sharing a machine time one at a time
+        lat = measure_latency(fuse_model(model), imgsz, settings.batch, device, latency_config(settings, device),
+                              reference=baseline_fused)
     latency_ms = lat.latency_ratio * trial.study.user_attrs["baseline_latency_ms"]
     trial.set_user_attr("latency_ms", latency_ms)
     trial.set_user_attr("latency_measured_ms", lat.median_ms)
@@ -365,13 +462,58 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
     trial.set_user_attr("latency_ratio", lat.latency_ratio)
     trial.set_user_attr("device", lat.device)
     phases["latency"] = time.perf_counter() - start
+    if not is_baseline:
+        if settings.max_latency_ms is not None and latency_ms > settings.max_latency_ms:
+            reject("latency", latency_ms / settings.max_latency_ms - 1,
+                   f"latency {latency_ms:.3f} ms > max_latency_ms {settings.max_latency_ms:g}")
+        if settings.max_latency_ratio is not None and lat.latency_ratio > settings.max_latency_ratio:
+            reject("latency", lat.latency_ratio / settings.max_latency_ratio - 1,
+                   f"latency ratio {lat.latency_ratio:.3f} > max_latency_ratio {settings.max_latency_ratio:g}")
 
     start = time.perf_counter()
     cfg = proxy_config(settings)
-    result = fit(model, data_cfg, cfg)
-    save("weights.pt", state_dict_bytes(model))
+    trial.set_user_attr("proxy", cfg.to_dict())
+    rule = EarlyStopConfig(**(settings.early_stop or {}))
+    curve: list[list] = []
+    stop_reason: list[str] = []
+
+    def on_validation(epoch: int, losses: dict, map50_95: float, map50: float) -> bool:
+        curve.append([epoch, map50_95, map50])
+        trial.set_user_attr("curve", curve)
+        reason = None if is_baseline else should_stop(epoch, map50_95, latency_ms, cfg.epochs,
+                                                      _finished_for_rule(trial.study), rule)
+        if reason:
+            stop_reason.append(reason)
+        return bool(reason)
+
+    try:
+        result = fit(model, data_cfg, cfg, callbacks=(on_validation,))
+    except Exception as err:
+        if not (_is_oom(err) and cfg.batch >= 2):
+            raise
+        del model, err
+        torch.cuda.empty_cache()
+        cfg = replace(cfg, batch=cfg.batch // 2)
+        trial.set_user_attr("oom_retry", f"CUDA out of memory at batch {cfg.batch * 2}; retried at batch {cfg.batch}")
+        trial.set_user_attr("proxy", cfg.to_dict())
+        curve.clear()
+        model = build_model(arch.to_yaml(data_cfg.nc))
+        result = fit(model, data_cfg, cfg, callbacks=(on_validation,))
     save("epochs.csv", epochs_csv(result.history).encode())
     phases["train"] = time.perf_counter() - start
+    if result.stopped_early:
+        last = curve[-1]
+        summary = {"trial": trial.number, "arch": arch.to_params(), "stopped": stop_reason[0],
+                   "stopped_epoch": last[0], "partial_map50_95": last[1], "partial_map50": last[2],
+                   "latency_ms": latency_ms, "seconds": phases}
+        save("metrics.json", json.dumps(summary, indent=2, default=str).encode())
+        trial.set_user_attr("stopped_epoch", last[0])
+        trial.set_user_attr("partial_map50_95", last[1])
+        trial.set_user_attr("partial_map50", last[2])
+        trial.set_user_attr("seconds", phases)
+        trial.set_user_attr("pruned_reason", stop_reason[0])
+        raise optuna.TrialPruned(stop_reason[0])
+    save("weights.pt", state_dict_bytes(model))
 
     start = time.perf_counter()
     fused = fuse_model(model)
@@ -385,7 +527,12 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
     phases["fuse"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    metrics = evaluate(fused, data_cfg, cfg.imgsz, batch=cfg.batch * 2, device=x.device)
+    # fit's last validation (EMA weights, proxy size) is what was trained; the fused model is evaluated again
+    # only in float32 on the CPU, where fusion is exact to ~1e-7 and the figure would be the same.
+    if result.metrics is not None and x.device.type == "cpu":
+        metrics = result.metrics
+    else:
+        metrics = evaluate(fused, data_cfg, cfg.imgsz, batch=cfg.batch * 2, device=x.device)
     phases["eval"] = time.perf_counter() - start
 
     summary = {"trial": trial.number, "arch": arch.to_params(), "map50_95": metrics.map50_95,
@@ -397,22 +544,24 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
     trial.set_user_attr("map50_95", metrics.map50_95)
     trial.set_user_attr("map50", metrics.map50)
     trial.set_user_attr("seconds", phases)
-    rel = folder.relative_to(settings.folder).as_posix()
-    trial.set_user_attr("files", {name: {"path": f"{rel}/{name}", "sha256": digest} for name, digest in files.items()})
     trial.set_user_attr("constraints", [0.0])
     trial.set_constraint("budget", 0.0)
     return metrics.map50_95, latency_ms
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The search loop
+# Claiming trials, leases and stale trials
 
 
 def counts(trial: FrozenTrial) -> bool:
-    """Whether a finished trial counts toward --trials: COMPLETE, or PRUNED for a reason other than rejection."""
+    """Whether a finished trial counts toward --trials: COMPLETE, or PRUNED by the early-stopping rule."""
     if trial.state == TrialState.COMPLETE:
         return True
-    return trial.state == TrialState.PRUNED and trial.user_attrs.get("pruned_reason") not in ("rejected", "duplicate")
+    return trial.state == TrialState.PRUNED and trial.user_attrs.get("pruned_reason") not in NOT_COUNTED
+
+
+def _busy(t: FrozenTrial) -> bool:
+    return counts(t) or t.state == TrialState.RUNNING
 
 
 def _pid_alive(pid: int) -> bool:
@@ -425,32 +574,114 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def recover_stale_trials(study: optuna.Study) -> list[int]:
-    """Mark RUNNING trials whose worker process on this host is gone as FAILED and re-enqueue their Arch once.
+def _ask_lock(settings: StudySettings):
+    """Count + ask under a file lock when the storage is this machine's journal file (no surplus trials)."""
+    from contextlib import nullcontext
 
-    Returns the numbers of the trials marked. Trials of other hosts are left alone (their liveness is unknown here).
+    return nullcontext() if settings.storage else file_lock(settings.folder / ".ask.lock")
+
+
+def claim_trial(study: optuna.Study, settings: StudySettings) -> optuna.Trial | None:
+    """A new trial for this worker, or None when the study has (or is running) enough trials to reach --trials.
+
+    Under a local lock, count + ask is atomic. Across hosts (an RDB storage) two workers may ask at once: the trial
+    whose number comes after `--trials` busy (counted or running) ones is then released as PRUNED "surplus", which
+    does not count, and its enqueued params (if any) are enqueued again.
     """
-    host = socket.gethostname()
+    with _ask_lock(settings):
+        if sum(_busy(t) for t in study.get_trials(deepcopy=False)) >= settings.trials:
+            return None
+        trial = study.ask()
+        _take_lease(trial)
+    ahead = sum(_busy(t) for t in study.get_trials(deepcopy=False) if t.number < trial.number)
+    if ahead < settings.trials:
+        return trial
+    trial.set_user_attr("pruned_reason", "surplus")
+    fixed = study.get_trials(deepcopy=False)[trial.number].system_attrs.get("fixed_params")
+    study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+    if fixed:
+        study.enqueue_trial(fixed, user_attrs={k: v for k, v in trial.user_attrs.items()
+                                               if k in ("baseline", "enqueued", "requeued_from")})
+    return None
+
+
+def _take_lease(trial: optuna.Trial) -> None:
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", os.getpid())
+    trial.set_user_attr("heartbeat", time.time())
+
+
+class Heartbeat:
+    """Renews a running trial's lease (user attr "heartbeat" = time.time()) every `interval` seconds in a thread.
+
+    The thread ends when the trial is finished (the storage refuses the write) or `stop()` is called. In a worker
+    process started by a coordinator it also ends the process when the coordinator is gone.
+    """
+
+    def __init__(self, study: optuna.Study, trial_id: int, interval: float = HEARTBEAT_S,
+                 parent_pid: int | None = None):
+        import threading
+
+        self._stop = threading.Event()
+        self._args = study._storage, trial_id, interval, parent_pid
+        self._thread = threading.Thread(target=self._run, name="repnas-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        storage, trial_id, interval, parent = self._args
+        while not self._stop.wait(interval):
+            if parent is not None and not _pid_alive(parent):
+                os._exit(EXIT_ORPHANED)
+            try:
+                storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
+            except Exception:  # the trial was finished (or marked stale) meanwhile: nothing left to renew
+                return
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+EXIT_ORPHANED = 75
+
+
+def recover_stale_trials(study: optuna.Study, stale_after: float = DEFAULTS["stale_after"]) -> list[int]:
+    """Mark RUNNING trials whose worker is gone as FAILED and re-enqueue their Arch once; return their numbers.
+
+    A worker is gone when it ran on this host and its PID is dead, or when its lease (heartbeat, else the trial's
+    start) is older than `stale_after` seconds (any host; hosts' clocks are assumed to agree to well within that).
+    """
+    host, now = socket.gethostname(), time.time()
     waiting = [t.system_attrs.get("fixed_params") for t in study.get_trials(states=(TrialState.WAITING,))]
     marked = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") != host or not isinstance(pid, int) or _pid_alive(pid):
+        attrs = t.user_attrs
+        pid, beat = attrs.get("pid"), attrs.get("heartbeat")
+        if beat is None and t.datetime_start is not None:
+            beat = t.datetime_start.timestamp()
+        if attrs.get("host") == host and isinstance(pid, int) and not _pid_alive(pid):
+            reason = "stale: worker died"
+        elif isinstance(beat, (int, float)) and now - beat > stale_after:
+            reason = f"stale: no heartbeat from {attrs.get('host')} pid {pid} for {now - beat:.0f} s"
+        else:
             continue
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "stale: worker died")
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         marked.append(t.number)
-        params = t.user_attrs.get("arch") or t.system_attrs.get("fixed_params") or t.params
+        params = attrs.get("arch") or t.system_attrs.get("fixed_params") or t.params
         # not enqueue_trial(skip_if_exists=True): it matches the stale trial itself and would never re-enqueue
         if params and params not in waiting:
-            attrs = {"requeued_from": t.number} | ({"baseline": True} if t.user_attrs.get("baseline") else {})
-            study.enqueue_trial(params, user_attrs=attrs)
+            keep = {k: attrs[k] for k in ("baseline", "enqueued") if attrs.get(k)}
+            study.enqueue_trial(params, user_attrs={"requeued_from": t.number} | keep)
             waiting.append(params)
     return marked
 
 
 def trial_records(study: optuna.Study, settings: StudySettings) -> list[TrialRecord]:
-    """One TrialRecord per trial, for the Pareto files."""
+    """One TrialRecord per trial, for the Pareto files (early-stopped trials keep their partial mAP off the table)."""
     records = []
     for t in study.get_trials(deepcopy=False):
         attrs = t.user_attrs
@@ -458,6 +689,8 @@ def trial_records(study: optuna.Study, settings: StudySettings) -> list[TrialRec
         stages = tuple((arch.get(f"{n}_depth"), arch.get(f"{n}_width"), bool(arch.get(f"{n}_se")))
                        for n in STAGE_NAMES) if arch else ()
         model_yaml = attrs.get("files", {}).get("model.yaml", {}).get("path")
+        if model_yaml:
+            model_yaml = os.path.relpath(settings.trials_root / model_yaml, settings.folder)
         records.append(TrialRecord(
             number=t.number, state=t.state.name, map50_95=attrs.get("map50_95"), map50=attrs.get("map50"),
             latency_ms=attrs.get("latency_ms"), latency_ratio=attrs.get("latency_ratio"),
@@ -473,7 +706,8 @@ def trial_line(t: FrozenTrial) -> str:
     a = t.user_attrs
 
     def num(key: str, fmt: str) -> str:
-        return format(a[key], fmt) if a.get(key) is not None else "-"
+        value = a.get(key, a.get(f"partial_{key}"))
+        return format(value, fmt) if value is not None else "-"
 
     seconds = sum((a.get("seconds") or {}).values())
     why = a.get("fail_reason") or a.get("rejected") or a.get("pruned_reason") or ""
@@ -488,44 +722,84 @@ def export_files(study: optuna.Study, settings: StudySettings, out_dir: str | Pa
                          title=f"repnas study {settings.name}: mAP50-95 vs latency")
 
 
-def run_search(settings: StudySettings, *, report: Callable[[str], None] | None = None) -> optuna.Study:
-    """Run (or resume) a study until `settings.trials` trials count; export the Pareto files after every trial.
+WEIGHT_FILES = ("weights.pt", "fused.pt")
 
-    Raises SearchStopped after `max_failures` failed trials in this run, or when the sampler keeps proposing
-    Archs that are over budget or already trained. Ctrl-C fails the running trial ("interrupted") and re-raises.
+
+def weights_to_keep(study: optuna.Study, keep: int) -> set[int]:
+    """Trials whose weights `--keep-weights keep` keeps: the Pareto front and the top-`keep` by mAP50-95.
+
+    Safe to apply at any time: a trial once dominated stays dominated, and one that leaves the top-k never re-enters.
     """
-    report = report or (lambda line: None)
-    from nas.synth import default_dataset
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    front = {t.number for t in study.best_trials} if done else set()
+    top = sorted(done, key=lambda t: (-t.values[0], t.number))[:keep]
+    return front | {t.number for t in top}
 
-    settings = merge_settings(settings, _load_stored(settings))
-    if settings.data is None:
-        settings = replace(settings, data=str(default_dataset().resolve()))
-    if settings.imgsz is None:  # latency/cost input size: the space's own unless given
-        settings = replace(settings, imgsz=load_space(settings.space).imgsz)
-    study = create_or_load_study(settings)
+
+def clean_weights(study: optuna.Study, settings: StudySettings, keep: int) -> list[Path]:
+    """Delete weight files of finished trials outside `weights_to_keep`; return the removed paths."""
+    kept = weights_to_keep(study, keep)
+    removed = []
+    for t in study.get_trials(deepcopy=False):
+        if t.number in kept or t.state in (TrialState.RUNNING, TrialState.WAITING):
+            continue
+        for name in WEIGHT_FILES:
+            path = trial_folder(settings, t.number) / name
+            if path.is_file():
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def _run_start(study: optuna.Study) -> int:
+    """The first trial number a run about to start can create or run: the lowest WAITING one, else the next."""
+    trials = study.get_trials(deepcopy=False)
+    return min([t.number for t in trials if t.state == TrialState.WAITING] + [len(trials)])
+
+
+def _failures_since(study: optuna.Study, first: int) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            if t.number >= first and not str(t.user_attrs.get("fail_reason", "")).startswith("stale")]
+
+
+@dataclass
+class _Context:
+    """What every trial of a run needs, loaded once per worker."""
+
+    settings: StudySettings
+    study: optuna.Study
+    space: Space
+    data_cfg: DataConfig
+    baseline_fused: torch.nn.Module
+    first: int  # trials numbered from here on were created by this run (max_failures counts their failures)
+
+
+def _context(settings: StudySettings, study: optuna.Study, first: int) -> _Context:
     space = load_space(settings.space)
     data_cfg = load_data_config(settings.data)
     baseline = Arch.from_params(study.user_attrs["baseline_params"], space)
-    baseline_fused = fuse_model(build_model(baseline.to_yaml(data_cfg.nc)))
-    for number in recover_stale_trials(study):
-        report(f"trial {number:>4} FAILED   stale: worker died; its Arch is enqueued again")
+    return _Context(settings, study, space, data_cfg, fuse_model(build_model(baseline.to_yaml(data_cfg.nc))), first)
 
-    failures, skipped_in_a_row = 0, 0
-    max_skipped = max(20, 5 * settings.trials)
-    host, pid = socket.gethostname(), os.getpid()
+
+def _work(ctx: _Context, report: Callable[[str], None], parent_pid: int | None = None) -> None:
+    """One worker's loop: claim a trial, run it, tell it, export; until the study has its trials."""
+    settings, study = ctx.settings, ctx.study
+    skipped_in_a_row, max_skipped = 0, max(20, 5 * settings.trials)
     while sum(counts(t) for t in study.get_trials(deepcopy=False)) < settings.trials:
-        trial = study.ask()
-        trial.set_user_attr("host", host)
-        trial.set_user_attr("pid", pid)
+        trial = claim_trial(study, settings)
+        if trial is None:
+            return
         folder = trial_folder(settings, trial.number)
+        reason = ""
         try:
-            values = run_trial(trial, settings, space, data_cfg, baseline_fused)
+            with Heartbeat(study, trial._trial_id, parent_pid=parent_pid):
+                values = run_trial(trial, settings, ctx.space, ctx.data_cfg, ctx.baseline_fused)
         except optuna.TrialPruned as why:
             trial.set_user_attr("pruned_reason", trial.user_attrs.get("pruned_reason") or str(why))
-            study.tell(trial, state=TrialState.PRUNED)
+            study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted")
-            study.tell(trial, state=TrialState.FAIL)
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             export_files(study, settings)
             raise
         except Exception as err:  # any trial error fails the trial, not the study
@@ -535,22 +809,154 @@ def run_search(settings: StudySettings, *, report: Callable[[str], None] | None 
             write_text_atomic(folder / "traceback.txt", traceback.format_exc())
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # after an OOM the next trial should start from a clean cache
-            study.tell(trial, state=TrialState.FAIL)
-            failures += 1
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         else:
-            study.tell(trial, values)
+            study.tell(trial, values, skip_if_finished=True)
         frozen = study.get_trials(deepcopy=False)[trial.number]
         skipped_in_a_row = 0 if counts(frozen) or frozen.state == TrialState.FAIL else skipped_in_a_row + 1
         report(trial_line(frozen))
         export_files(study, settings)
-        if failures >= settings.max_failures:
-            raise SearchStopped(f"study {settings.name!r} stopped: {failures} trials failed in this run "
-                                f"(max_failures={settings.max_failures}); last: {reason}. See "
-                                f"{folder / 'traceback.txt'}")
+        if settings.keep_weights is not None:
+            clean_weights(study, settings, settings.keep_weights)
+        failures = _failures_since(study, ctx.first)
+        if len(failures) >= settings.max_failures:
+            last = failures[-1]
+            raise SearchStopped(f"study {settings.name!r} stopped: {len(failures)} trials failed in this run "
+                                f"(max_failures={settings.max_failures}); last: {last.user_attrs.get('fail_reason')}."
+                                f" See {trial_folder(settings, last.number) / 'traceback.txt'}")
         if skipped_in_a_row >= max_skipped:
             raise SearchStopped(f"study {settings.name!r} stopped: the last {skipped_in_a_row} sampled Archs were "
                                 "over budget or already trained; widen the space or its budgets")
+
+
+def prepare_study(settings: StudySettings, *, force: bool = False,
+                  enqueue: Sequence[str] = ()) -> tuple[StudySettings, optuna.Study]:
+    """Resolve `settings` against the stored ones and create or load the study (no trial is run)."""
+    from nas.synth import default_dataset
+
+    settings = merge_settings(settings, _load_stored(settings), force=force)
+    if settings.data is None:
+        settings = replace(settings, data=str(default_dataset().resolve()))
+    if settings.imgsz is None:  # latency/cost input size: the space's own unless given
+        settings = replace(settings, imgsz=load_space(settings.space).imgsz)
+    return settings, create_or_load_study(settings, enqueue=enqueue)
+
+
+def run_search(settings: StudySettings, *, report: Callable[[str], None] | None = None, workers: int = 1,
+               devices: Sequence[str] = (), force: bool = False, enqueue: Sequence[str] = ()) -> optuna.Study:
+    """Run (or resume) a study until `settings.trials` trials count; export the Pareto files after every trial.
+
+    `workers` > 1 (or several `devices`, CUDA indices: worker i uses devices[i % len]) runs that many worker
+    processes against the storage; this process coordinates. Raises SearchStopped after `max_failures` failed
+    trials in this run, or when the sampler keeps proposing Archs that are over budget or already trained. Ctrl-C
+    fails the running trial(s) ("interrupted") and re-raises.
+    """
+    report = report or (lambda line: None)
+    settings, study = prepare_study(settings, force=force, enqueue=enqueue)
+    stale = recover_stale_trials(study, settings.stale_after)
+    for number in stale:
+        report(f"trial {number:>4} FAILED   stale: its worker is gone; its Arch is enqueued again")
+    first = _run_start(study)
+    if workers <= 1 and len(devices) <= 1:
+        if devices:
+            settings = replace(settings, device=f"cuda:{devices[0]}")
+        _work(_context(settings, study, first), report)
+    else:
+        _run_workers(settings, max(workers, len(devices)), devices, first, report)
     return study
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Worker processes
+
+
+def _worker_command(settings: StudySettings, index: int, device: str | None, first: int, threads: int | None):
+    import sys
+
+    spec = {"settings": {f.name: getattr(settings, f.name) for f in fields(StudySettings)}, "index": index,
+            "device": device, "first": first, "parent": os.getpid(), "threads": threads}
+    return [sys.executable, "-m", "nas.study", "--worker", json.dumps(spec)]
+
+
+def _run_workers(settings: StudySettings, n: int, devices: Sequence[str], first: int,
+                 report: Callable[[str], None]) -> None:
+    """Start `n` worker processes, relay their lines, wait; stop them all on Ctrl-C or when this process exits."""
+    import subprocess
+    import threading
+
+    threads = None
+    if not devices and resolve_device(settings.device).type == "cpu":
+        threads = max(1, (os.cpu_count() or 1) // n)  # n workers on one CPU: no oversubscription
+    procs = [subprocess.Popen(_worker_command(settings, i, f"cuda:{devices[i % len(devices)]}" if devices else None,
+                                              first, threads), stdout=subprocess.PIPE, text=True, bufsize=1)
+             for i in range(n)]
+
+    def relay(i: int, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            report(f"[worker {i}] {line.rstrip()}")
+
+    relays = [threading.Thread(target=relay, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+    for thread in relays:
+        thread.start()
+    try:
+        codes = [p.wait() for p in procs]
+    except BaseException:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(__import__("signal").SIGINT)
+        deadline = time.time() + 30
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+        raise
+    finally:
+        for thread in relays:
+            thread.join(timeout=5)
+    if any(code == EXIT_STOPPED for code in codes):
+        raise SearchStopped(f"study {settings.name!r} stopped: a worker gave up (see its lines above)")
+    if any(code != 0 for code in codes):
+        raise StudyError(f"study {settings.name!r}: worker exit codes {codes}; resume with "
+                         f"`repnas resume {settings.name}`")
+
+
+EXIT_STOPPED = 3
+
+
+def _die_with_parent() -> None:
+    """Linux: ask the kernel to SIGKILL this process when its parent dies (no orphaned workers)."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # elsewhere the heartbeat thread notices the parent is gone
+
+
+def worker_main(spec_json: str) -> int:
+    """Entry point of a worker process started by `_run_workers`."""
+    spec = json.loads(spec_json)
+    _die_with_parent()
+    if not _pid_alive(spec["parent"]):
+        return EXIT_ORPHANED
+    settings = StudySettings(**spec["settings"])
+    if spec["device"]:
+        settings = replace(settings, device=spec["device"])
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    study = create_or_load_study(settings)
+    try:
+        _work(_context(settings, study, spec["first"]), lambda line: print(line, flush=True), spec["parent"])
+    except SearchStopped as err:
+        print(f"stopped: {err}", flush=True)
+        return EXIT_STOPPED
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 def load_study(name: str, *, storage: str | None = None, results: str = "results") -> optuna.Study:
@@ -567,7 +973,24 @@ def export_study(name: str, out_dir: str | Path | None = None, formats: Sequence
                  storage: str | None = None, results: str = "results") -> dict[str, Path]:
     """Write the study's Pareto files (default into results/NAME/); return format -> path."""
     study = load_study(name, storage=storage, results=results)
-    return export_files(study, StudySettings(name=name, storage=storage, results=results), out_dir, formats)
+    return export_files(study, stored_settings(study, name, storage, results), out_dir, formats)
+
+
+def stored_settings(study: optuna.Study, name: str, storage: str | None = None,
+                    results: str = "results") -> StudySettings:
+    """The settings a study was created with (as far as StudySettings knows them)."""
+    stored = json.loads(study.user_attrs.get(SETTINGS_ATTR, "{}"))
+    known = {k: v for k, v in stored.items() if k in STORED}
+    return StudySettings(name=name, storage=storage, results=results, **known)
+
+
+def clean_study(name: str, keep: int | None = None, *, storage: str | None = None,
+                results: str = "results") -> tuple[list[Path], set[int]]:
+    """`repnas clean`: delete weights outside the front and the top-`keep` (default: the study's keep_weights)."""
+    study = load_study(name, storage=storage, results=results)
+    settings = stored_settings(study, name, storage, results)
+    keep = keep if keep is not None else (settings.keep_weights or 0)
+    return clean_weights(study, settings, keep), weights_to_keep(study, keep)
 
 
 def summary_line(study: optuna.Study) -> str:
@@ -590,7 +1013,7 @@ def show_study(name: str, *, storage: str | None = None, results: str = "results
     from nas.pareto import default_reference, hypervolume, pareto_table
 
     study = load_study(name, storage=storage, results=results)
-    settings = StudySettings(name=name, storage=storage, results=results)
+    settings = stored_settings(study, name, storage, results)
     stored = json.loads(study.user_attrs.get(SETTINGS_ATTR, "{}"))
     trials = study.get_trials(deepcopy=False)
     counted = [t for t in trials if counts(t)]
@@ -638,3 +1061,11 @@ def show_study(name: str, *, storage: str | None = None, results: str = "results
     elif not left:
         lines.append("time left: none, the study has its trials")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        sys.exit(worker_main(sys.argv[2]))
+    sys.exit("usage: python -m nas.study --worker SPEC_JSON (started by `repnas search --workers N`)")

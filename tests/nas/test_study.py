@@ -77,7 +77,7 @@ def test_three_trials_complete_with_baseline_files_and_pareto(settings, tmp_path
         files = t.user_attrs["files"]
         assert set(files) == {"model.yaml", "weights.pt", "fused.pt", "epochs.csv", "metrics.json"}
         for entry in files.values():
-            assert _sha(folder / entry["path"]) == entry["sha256"]
+            assert _sha(folder / "trials" / entry["path"]) == entry["sha256"]
         assert t.values[1] == pytest.approx(t.user_attrs["latency_ratio"] * study.user_attrs["baseline_latency_ms"])
         assert t.constraints == {"budget": 0.0} and t.user_attrs["fusion_error"] < 1e-4
         assert set(t.user_attrs["seconds"]) == {"build", "latency", "train", "fuse", "eval"}
@@ -118,11 +118,11 @@ def test_stale_running_trial_is_failed_and_requeued(settings):
 def test_diverging_trial_fails_and_the_study_finishes_its_count(settings, monkeypatch, tmp_path):
     real_fit, calls = nas.study.fit, []
 
-    def fit(model, data, cfg):
+    def fit(model, data, cfg, callbacks=()):
         calls.append(1)
         if len(calls) == 2:
             raise TrainingDiverged("loss became nan at epoch 1")
-        return real_fit(model, data, cfg)
+        return real_fit(model, data, cfg, callbacks)
 
     monkeypatch.setattr(nas.study, "fit", fit)
     study = run_search(settings)
@@ -140,7 +140,7 @@ def test_diverging_trial_fails_and_the_study_finishes_its_count(settings, monkey
 
 
 def test_max_failures_stops_a_study_where_every_trial_fails(settings, monkeypatch):
-    def fit(model, data, cfg):
+    def fit(model, data, cfg, callbacks=()):
         raise TrainingDiverged("loss became nan")
 
     monkeypatch.setattr(nas.study, "fit", fit)
@@ -156,7 +156,7 @@ def test_over_budget_archs_are_rejected_before_training_and_do_not_count(setting
     tight = assets["root"] / "tight.yaml"
     tight.write_text(yaml.safe_dump(space))
     real_fit, calls = nas.study.fit, []
-    monkeypatch.setattr(nas.study, "fit", lambda *a: calls.append(1) or real_fit(*a))
+    monkeypatch.setattr(nas.study, "fit", lambda *a, **k: calls.append(1) or real_fit(*a, **k))
     with pytest.raises(SearchStopped, match="over budget or already trained"):
         run_search(replace(settings, space=str(tight), trials=2))
     study = optuna.load_study(study_name="tiny", storage=nas.study.storage_for(settings))
@@ -168,11 +168,19 @@ def test_over_budget_archs_are_rejected_before_training_and_do_not_count(setting
 
 
 def test_changed_data_on_resume_is_refused_naming_the_field(settings, assets, monkeypatch):
-    monkeypatch.setattr(nas.study, "fit", lambda *a: (_ for _ in ()).throw(TrainingDiverged("skip")))
+    monkeypatch.setattr(nas.study, "fit", lambda *a, **k: (_ for _ in ()).throw(TrainingDiverged("skip")))
     with pytest.raises(SearchStopped):
         run_search(replace(settings, max_failures=1))
-    with pytest.raises(StudyError, match=r"created with data='.*data\.yaml'; resuming with data='.*other"):
-        run_search(StudySettings(name="tiny", data=str(assets["other"])))
+    with pytest.raises(StudyError, match=r"resuming with data: '.*data\.yaml' -> '.*other.*'; imgsz: 64 -> 96 "
+                                         r"would make its trials incomparable.*--force"):
+        run_search(StudySettings(name="tiny", data=str(assets["other"]), imgsz=96))
+    assert main(["search", "--study", "tiny", "--data", str(assets["other"]), "--quiet"]) == 2
+    # --force accepts the change: stored settings replaced, the old ones kept in the history
+    monkeypatch.setattr(nas.study, "fit", lambda *a, **k: (_ for _ in ()).throw(TrainingDiverged("again")))
+    with pytest.raises(SearchStopped):
+        run_search(StudySettings(name="tiny", data=str(assets["other"]), max_failures=1), force=True)
+    study = optuna.load_study(study_name="tiny", storage=nas.study.storage_for(settings))
+    assert "other" in study.user_attrs["settings"] and "other" not in str(study.user_attrs["settings_history"])
 
 
 def test_cli_search_then_export_and_bad_names(settings, assets, tmp_path, capsys):
