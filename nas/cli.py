@@ -267,7 +267,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
 def _study_settings(args: argparse.Namespace):
     from nas.study import StudySettings
 
-    given = (("epochs", args.epochs), ("imgsz", args.imgsz), ("batch", args.batch))
+    given = (("epochs", args.epochs), ("imgsz", args.imgsz), ("batch", args.batch), ("val_every", args.val_every))
     proxy = {k: v for k, v in given if v is not None}
     return StudySettings(
         name=args.study, storage=args.storage, data=args.data, space=args.space, trials=args.trials, seed=args.seed,
@@ -275,7 +275,7 @@ def _study_settings(args: argparse.Namespace):
         baseline=args.baseline, max_failures=args.max_failures, max_latency_ms=args.max_latency_ms,
         max_latency_ratio=args.max_latency_ratio, early_stop=None if args.early_stop is None else
         {"enabled": args.early_stop}, keep_weights=args.keep_weights, artifacts=args.artifacts,
-        stale_after=args.stale_after, quiet=args.quiet,
+        stale_after=args.stale_after, results=args.results, quiet=args.quiet,
     )
 
 
@@ -319,7 +319,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from nas.study import check_study_name, show_study
 
     check_study_name(args.name)
-    print(show_study(args.name, storage=args.storage))
+    print(show_study(args.name, storage=args.storage, results=args.results))
     return 0
 
 
@@ -330,7 +330,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     check_study_name(args.name)
     if args.keep_weights is not None and args.keep_weights < 0:
         raise UsageError(f"--keep-weights {args.keep_weights} must be >= 0")
-    removed, kept = clean_study(args.name, args.keep_weights, storage=args.storage)
+    removed, kept = clean_study(args.name, args.keep_weights, storage=args.storage, results=args.results)
     print(f"removed {len(removed)} weight files; kept weights of trials {sorted(kept)}")
     return 0
 
@@ -340,7 +340,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from nas.study import check_study_name, export_study
 
     check_study_name(args.name)
-    paths = export_study(args.name, args.out, args.format, storage=args.storage)
+    paths = export_study(args.name, args.out, args.format, storage=args.storage, results=args.results)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -427,10 +427,14 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("--space", help="space YAML (default: the built-in default space)")
         p.add_argument("--trials", type=_count, help="trials that count, in all (default 20; rejected ones do not)")
         p.add_argument("--storage", help="Optuna storage URL (default: results/NAME/study.log, a journal file)")
+        p.add_argument("--results", default="results", metavar="DIR",
+                       help="root folder of study folders (default ./results)")
         p.add_argument("--seed", type=int, help="sampler seed (default 0)")
         p.add_argument("--sampler", choices=("tpe", "nsga2", "random"), help="sampler (default tpe)")
         p.add_argument("--epochs", type=_positive_int, help="proxy training epochs (default: the proxy's)")
         p.add_argument("--imgsz", type=_imgsz, help="proxy training and validation size (default: the proxy's)")
+        p.add_argument("--val-every", type=_positive_int,
+                       help="validate every K epochs: the early-stopping rule acts at these epochs (default 5)")
         p.add_argument("--latency-imgsz", type=_imgsz, help="latency and GFLOPs input size (default: the space's)")
         p.add_argument("--batch", type=_positive_int, help="proxy training batch size (default: the proxy's)")
         p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -471,6 +475,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("clean", help="delete weights off the front and the top-k", description=cmd_clean.__doc__)
     p.add_argument("name", metavar="NAME", help="study name")
     p.add_argument("--storage", help="Optuna storage URL (default: results/NAME/study.log)")
+    p.add_argument("--results", default="results", metavar="DIR",
+                   help="root folder of study folders (default ./results)")
     p.add_argument("--keep-weights", type=int, metavar="K",
                    help="also keep the top-K by mAP50-95 (default: the study's --keep-weights, else 0)")
     p.set_defaults(func=cmd_clean)
@@ -478,11 +484,15 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="one screen about a study", description=cmd_show.__doc__)
     p.add_argument("name", metavar="NAME", help="study name")
     p.add_argument("--storage", help="Optuna storage URL (default: results/NAME/study.log)")
+    p.add_argument("--results", default="results", metavar="DIR",
+                   help="root folder of study folders (default ./results)")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("export", help="write a study's Pareto files", description=cmd_export.__doc__)
     p.add_argument("name", metavar="NAME", help="study name")
     p.add_argument("--storage", help="Optuna storage URL (default: results/NAME/study.log)")
+    p.add_argument("--results", default="results", metavar="DIR",
+                   help="root folder of study folders (default ./results)")
     p.add_argument("--format", default="md,csv,html,json", help="comma-separated: md,csv,html,json (png always)")
     p.add_argument("--out", help="output folder (default: results/NAME)")
     p.set_defaults(func=cmd_export)

@@ -829,12 +829,33 @@ def _work(ctx: _Context, report: Callable[[str], None], parent_pid: int | None =
                                 "over budget or already trained; widen the space or its budgets")
 
 
+# A new study without --data is the demo on the built-in synthetic shapes: sized to finish on a laptop CPU in
+# about ten minutes (see benchmarks/RESULTS.md). Options given explicitly win; --data brings the full defaults.
+DEMO: dict[str, Any] = {"trials": 8, "proxy": {"epochs": 12, "imgsz": 128, "batch": 8, "val_every": 2},
+                        "imgsz": 320, "latency": {"warmup": 2, "iters": 10, "rounds": 5}}
+
+
+def demo_settings(settings: StudySettings) -> StudySettings:
+    """`settings` with its unset fields (and unset proxy/latency keys) taken from DEMO."""
+    changes = {}
+    for key, value in DEMO.items():
+        given = getattr(settings, key)
+        if isinstance(value, dict):
+            changes[key] = value | (given or {})
+        elif given is None:
+            changes[key] = value
+    return replace(settings, **changes)
+
+
 def prepare_study(settings: StudySettings, *, force: bool = False,
                   enqueue: Sequence[str] = ()) -> tuple[StudySettings, optuna.Study]:
     """Resolve `settings` against the stored ones and create or load the study (no trial is run)."""
     from nas.synth import default_dataset
 
-    settings = merge_settings(settings, _load_stored(settings), force=force)
+    stored = _load_stored(settings)
+    if stored is None and settings.data is None:
+        settings = demo_settings(settings)
+    settings = merge_settings(settings, stored, force=force)
     if settings.data is None:
         settings = replace(settings, data=str(default_dataset().resolve()))
     if settings.imgsz is None:  # latency/cost input size: the space's own unless given

@@ -19,11 +19,17 @@ from optuna.trial import TrialState
 
 import nas.study
 from nas.cli import main
-from nas.study import (SearchStopped, StudySettings, claim_trial, counts, prepare_study, recover_stale_trials,
-                       run_search, trial_records)
-from tests.nas.test_study import BASELINE, assets, settings  # noqa: F401 - fixtures
-
-SLOW_PROXY = {"epochs": 3, "imgsz": 64, "batch": 4, "cache_images": False}
+from nas.study import (
+    SearchStopped,
+    StudySettings,
+    claim_trial,
+    counts,
+    prepare_study,
+    recover_stale_trials,
+    run_search,
+    trial_records,
+)
+from tests.nas.conftest import BASELINE
 
 
 def _sha(path: Path) -> str:
