@@ -161,38 +161,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def read_state(weights: str | Path) -> dict:
-    """A weights-only state_dict from `weights`; pickled objects are refused, never run."""
-    import warnings
+    """A weights-only state_dict from `weights` (see nas.source.read_state)."""
+    from nas.source import read_state as read
 
-    import torch
-
-    path = Path(weights)
-    if not path.is_file():
-        raise UsageError(f"--weights {path}: no such file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes on foreign pickle protocols: the refusal below says it
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling refusal or corruption is a fault of the file
-        raise UsageError(f"--weights {path}: not a weights-only state_dict ({str(err).splitlines()[0]:.120}); "
-                         "save model.state_dict() with torch.save") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"--weights {path}: expected a state_dict (name -> tensor)")
-    return state
+    return read(weights)
 
 
 def load_weights(model_yaml: str | Path, state: dict, nc: int | None = None, source: str = "weights"):
     """Build MODEL.yaml (its deploy form when `state` is fused) and load `state` into it."""
-    from space.builder import build_model
+    from nas.source import load_weights as load
 
-    fused = not any(".bn." in k or k.endswith("rbr_dense.conv.weight") for k in state)
-    model = build_model(model_yaml, nc=nc, deploy=fused)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())[:200]
-        raise UsageError(f"{source} do not fit {model_yaml}: {detail}") from None
-    return model
+    return load(model_yaml, state, nc, source)
 
 
 def cmd_val(args: argparse.Namespace) -> int:

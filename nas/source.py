@@ -1,0 +1,157 @@
+"""Where a trained model comes from: `STUDY:TRIAL`, a trial folder, a pruned-model folder, or a YAML + weights.
+
+`load_source` returns the deploy (fused) network on the CPU in eval mode, with what is known about it (classes,
+the data and proxy size it was trained with). Weights are read weights-only; files of a study's trial are checked
+against the sha256 recorded in the trial's user attrs before they are used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pruning.reparam import fuse_model
+from space.cost import is_deploy
+from space.errors import RepnasError
+
+STUDY_TRIAL = re.compile(r"(?P<study>[A-Za-z0-9][A-Za-z0-9._-]*):(?P<trial>\d+)")
+
+
+class SourceError(RepnasError):
+    """A model source that cannot be loaded as given."""
+
+
+@dataclass
+class Source:
+    """A loaded model and what is known about it."""
+
+    model: nn.Module  # deploy form, CPU, eval
+    description: str
+    nc: int
+    data: str | None = None  # the dataset it was trained on, when known
+    train_imgsz: int | None = None  # the proxy's training size, when known
+    folder: Path | None = None
+    info: dict = field(default_factory=dict)
+
+
+def read_state(path: str | Path, what: str = "--weights") -> dict:
+    """A weights-only state_dict from `path`; pickled objects are refused, never run."""
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"{what} {path}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on foreign pickle protocols: the refusal below says it
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling refusal or corruption is a fault of the file
+        raise SourceError(f"{what} {path}: not a weights-only state_dict ({str(err).splitlines()[0]:.120}); "
+                          "save model.state_dict() with torch.save") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SourceError(f"{what} {path}: expected a state_dict (name -> tensor)")
+    return state
+
+
+def load_weights(model_yaml: str | Path | dict, state: dict, nc: int | None = None, source: str = "weights"):
+    """Build MODEL.yaml (its deploy form when `state` is fused) and load `state` into it."""
+    from space.builder import build_model
+
+    fused = not any(".bn." in k or k.endswith("rbr_dense.conv.weight") for k in state)
+    model = build_model(model_yaml, nc=nc, deploy=fused)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:200]
+        where = model_yaml if not isinstance(model_yaml, dict) else "the model YAML"
+        raise SourceError(f"{source} do not fit {where}: {detail}") from None
+    return model
+
+
+def _deploy(model: nn.Module) -> nn.Module:
+    model = model.to("cpu").eval()
+    return model if is_deploy(model) else fuse_model(model)
+
+
+def _trial_metrics(folder: Path) -> dict:
+    path = folder / "metrics.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _from_folder(folder: Path, expected: dict | None = None) -> Source:
+    """A trial folder (model.yaml + fused.pt or weights.pt) or a pruned-model folder (channels.json)."""
+    from pruning.portable import PLAN_FILE, load_pruned, read_plan
+
+    if (folder / PLAN_FILE).is_file():
+        document = read_plan(folder)
+        model = load_pruned(folder)
+        info = document.get("info") or {}
+        return Source(model, f"pruned model {folder}", int(model.detect.nc), info.get("data"),
+                      info.get("train_imgsz"), folder, info)
+    yaml_path = folder / "model.yaml"
+    if not yaml_path.is_file():
+        raise SourceError(f"{folder}: neither a trial folder (model.yaml + fused.pt) nor a pruned model "
+                          f"({PLAN_FILE}); give STUDY:TRIAL, a folder, or MODEL.yaml --weights W.pt")
+    for name in ("fused.pt", "weights.pt"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        if expected and name in expected:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if digest != expected[name]["sha256"]:
+                raise SourceError(f"{path}: sha256 {digest[:12]}... differs from the {expected[name]['sha256'][:12]}"
+                                  "... recorded by the study; the file was changed or damaged")
+        model = load_weights(yaml_path, read_state(path, name), source=str(path))
+        metrics = _trial_metrics(folder)
+        return Source(_deploy(model), f"trial folder {folder} ({name})", int(model.detect.nc), metrics.get("data"),
+                      (metrics.get("proxy") or {}).get("imgsz"), folder, {"metrics": metrics})
+    raise SourceError(f"{folder}: no fused.pt or weights.pt (weights are kept only for the Pareto front and the "
+                      "top-k when a study runs with --keep-weights or `repnas clean`)")
+
+
+def load_source(source: str, weights: str | None = None, *, results: str = "results",
+                storage: str | None = None) -> Source:
+    """Load `source`: STUDY:TRIAL (a finished trial of a study), a trial or pruned-model folder, or a model YAML
+    (with `weights`, a state_dict of its train-time or fused form). Returns the deploy network."""
+    path = Path(source)
+    match = STUDY_TRIAL.fullmatch(source)
+    if match and not path.exists():
+        from optuna.trial import TrialState
+
+        from nas.study import load_study, stored_settings, trial_folder
+
+        study = load_study(match["study"], storage=storage, results=results)
+        number = int(match["trial"])
+        trials = study.get_trials(deepcopy=False)
+        if number >= len(trials):
+            raise SourceError(f"{source}: study {match['study']!r} has trials 0..{len(trials) - 1}")
+        trial = trials[number]
+        if trial.state != TrialState.COMPLETE:
+            raise SourceError(f"{source}: trial {number} is {trial.state.name}, not COMPLETE; pick a finished trial "
+                              f"(`repnas show {match['study']}` lists the front)")
+        settings = stored_settings(study, match["study"], storage, results)
+        loaded = _from_folder(trial_folder(settings, number), trial.user_attrs.get("files"))
+        loaded.description = f"{source} ({loaded.description})"
+        loaded.data = loaded.data or settings.data
+        loaded.info["trial_attrs"] = {k: trial.user_attrs.get(k) for k in ("map50_95", "map50", "latency_ms",
+                                                                           "latency_ratio", "gflops_deploy")}
+        return loaded
+    if path.is_dir():
+        if weights:
+            raise SourceError(f"{source} is a folder: it carries its own weights; drop --weights")
+        return _from_folder(path)
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        if not weights:
+            raise SourceError(f"{source}: a model YAML needs --weights W.pt (a state_dict of it, train-time or fused)")
+        model = load_weights(path, read_state(weights), source=f"--weights {weights}")
+        return Source(_deploy(model), f"{path} with {weights}", int(model.detect.nc))
+    raise SourceError(f"{source}: no such study trial, folder or model YAML; give STUDY:TRIAL (e.g. default:3), a "
+                      "trial folder, a pruned-model folder, or MODEL.yaml --weights W.pt")
