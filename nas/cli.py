@@ -254,7 +254,8 @@ def _study_settings(args: argparse.Namespace):
         baseline=args.baseline, max_failures=args.max_failures, max_latency_ms=args.max_latency_ms,
         max_latency_ratio=args.max_latency_ratio, early_stop=None if args.early_stop is None else
         {"enabled": args.early_stop}, keep_weights=args.keep_weights, artifacts=args.artifacts,
-        stale_after=args.stale_after, results=args.results, quiet=args.quiet,
+        stale_after=args.stale_after, prune_to=args.prune_to, prune_finetune_epochs=args.prune_finetune_epochs,
+        results=args.results, quiet=args.quiet,
     )
 
 
@@ -263,6 +264,26 @@ def _devices(text: str) -> list[str]:
     if not items or not all(x.isdigit() for x in items):
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of CUDA indices, e.g. 0,1,2,3")
     return items
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        value = float("nan")
+    if not 0.01 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in [0.01, 1] (e.g. 0.5 or 50%%)")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -299,6 +320,64 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     check_study_name(args.name)
     print(show_study(args.name, storage=args.storage, results=args.results))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Prune a trained model's fused network to a FLOPs target, optionally fine-tune it, and report before/after."""
+    import json
+
+    from nas.data import load_data_config
+    from nas.files import write_text_atomic
+    from nas.prune import prune_job
+    from nas.source import load_source
+    from pruning.channel import parse_target
+    from pruning.portable import save_pruned
+    from space.cost import count_gflops
+
+    _setup_logging(args.quiet)
+    source = load_source(args.source, args.weights, results=args.results, storage=args.storage)
+    parse_target(args.target_flops, count_gflops(source.model, args.imgsz))  # a bad target fails before any work
+    needs_data = args.finetune_epochs > 0 or args.importance == "taylor"
+    data_path = args.data or source.data
+    if data_path is None and (needs_data or not args.no_eval):
+        data_path = str(_data_path(None))
+    data = load_data_config(data_path) if data_path and (needs_data or not args.no_eval) else None
+    if data is not None and data.nc != source.nc:
+        raise UsageError(f"--data {data.source}: {data.nc} classes, but {args.source} detects {source.nc}; give the "
+                         "dataset the model was trained on")
+    eval_imgsz = args.eval_imgsz or source.train_imgsz or 160
+    report = prune_job(source.model, data, args.target_flops, imgsz=args.imgsz, eval_imgsz=eval_imgsz,
+                       importance=args.importance, round_to=args.round_to, finetune_epochs=args.finetune_epochs,
+                       device=args.device, evaluate_before=not args.no_eval)
+    label = args.source.replace(":", "-").replace("/", "_").strip("._-") or "model"
+    out = Path(args.out) if args.out else _fresh_dir(Path(args.results) / "prune" / Path(label).stem)
+    info = {"source": source.description, "data": str(data.source) if data else None, "train_imgsz": eval_imgsz,
+            "target": str(args.target_flops), "imgsz": args.imgsz}
+    save_pruned(report.model, out, report.result.plan, info=info)
+    summary = {"source": source.description, "target": str(args.target_flops)} | report.to_dict()
+    write_text_atomic(out / "prune.json", json.dumps(summary, indent=2, default=str) + "\n")
+    width = max(len(r[0]) for r in report.rows())
+    print(f"{'':<{width}}  {'before':>14}  {'after':>14}")
+    for name, before, after in report.rows():
+        print(f"{name:<{width}}  {before:>14}  {after:>14}")
+    r = report.result
+    print(f"target {r.target_gflops:.3f} GFLOPs, achieved {r.gflops_after:.3f} ({r.error:+.2%}); "
+          f"{r.importance} importance, channels rounded to {r.round_to}; {r.seconds:.1f} s to prune")
+    print(f"wrote {out}/channels.json, weights.pt (load with pruning.portable.load_pruned) and prune.json")
+    return 0
+
+
+def cmd_export_model(args: argparse.Namespace) -> int:
+    """Export a fused or pruned model to ONNX and check it against PyTorch with onnxruntime."""
+    from nas.onnx_export import export_onnx
+    from nas.source import load_source
+
+    source = load_source(args.source, args.weights, results=args.results, storage=args.storage)
+    report = export_onnx(source.model, args.onnx, args.imgsz)
+    print(f"wrote {report['path']} (opset {report['opset']}, input images (B, 3, {args.imgsz}, {args.imgsz}), "
+          f"output {report['shape'][1:]} per image); onnxruntime vs PyTorch: max abs diff "
+          f"{report['max_abs_diff']:.2e} (boxes normalised {report['max_abs_diff_normalised']:.2e})")
     return 0
 
 
@@ -432,6 +511,11 @@ def make_parser() -> argparse.ArgumentParser:
                        help="shared folder for trial folders, DIR/NAME/N (default results/NAME/trials/N)")
         p.add_argument("--stale-after", type=_positive_float, metavar="SECONDS",
                        help="a RUNNING trial without a heartbeat this long is taken for dead (default 600)")
+        p.add_argument("--prune-to", type=_fraction, metavar="FRACTION",
+                       help="prune each candidate's fused model to this share of its deploy FLOPs, fine-tune it and "
+                            "rank the pruned model (a space's `prune_fraction` extra makes it a search dimension)")
+        p.add_argument("--prune-finetune-epochs", type=_nonneg_int, metavar="K",
+                       help="fine-tuning epochs after pruning in the search (default: proxy epochs / 5)")
         p.add_argument("--workers", type=_positive_int, default=1,
                        help="worker processes on this machine against the one storage (default 1)")
         p.add_argument("--devices", type=_devices, metavar="0,1,..",
@@ -450,6 +534,37 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("study", metavar="NAME", help="study name")
     search_options(p, with_study=False)
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("prune", help="prune a trained model to a FLOPs target (and fine-tune it)",
+                       description=cmd_prune.__doc__)
+    p.add_argument("source", metavar="SOURCE", help="STUDY:TRIAL, a trial folder, a pruned-model folder, or "
+                                                     "MODEL.yaml with --weights")
+    p.add_argument("--weights", help="state_dict for a MODEL.yaml source (train-time or fused)")
+    p.add_argument("--target-flops", required=True, help="'50%%' or 0.5 of the deploy GFLOPs, or absolute '2.5G'")
+    p.add_argument("--importance", choices=("l2", "l1", "taylor", "random"), default="l2",
+                   help="channel importance: magnitude (l2, l1), first-order Taylor on training batches, or random")
+    p.add_argument("--round-to", type=_positive_int, default=8, help="keep channel counts multiples of this (8)")
+    p.add_argument("--finetune-epochs", type=_nonneg_int, default=0, help="fine-tuning epochs after pruning (0)")
+    p.add_argument("--data", help="data.yaml (default: the study's data, else the built-in synthetic dataset)")
+    p.add_argument("--imgsz", type=_imgsz, default=640, help="input size for GFLOPs and latency (default 640)")
+    p.add_argument("--eval-imgsz", type=_imgsz, help="evaluation and fine-tuning size (default: the proxy's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--no-eval", action="store_true", help="skip the mAP before pruning")
+    p.add_argument("--out", help="output folder (default: results/prune/SOURCE[-N])")
+    p.add_argument("--storage", help="Optuna storage URL of the study (for STUDY:TRIAL)")
+    p.add_argument("--results", default="results", metavar="DIR", help="root folder of study folders")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info lines")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("export-model", help="export a fused or pruned model to ONNX (checked with onnxruntime)",
+                       description=cmd_export_model.__doc__)
+    p.add_argument("source", metavar="SOURCE", help="STUDY:TRIAL, a trial or pruned-model folder, or MODEL.yaml")
+    p.add_argument("--weights", help="state_dict for a MODEL.yaml source")
+    p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="where to write the ONNX file")
+    p.add_argument("--imgsz", type=_imgsz, default=640, help="input size (default 640; the batch axis is dynamic)")
+    p.add_argument("--storage", help="Optuna storage URL of the study (for STUDY:TRIAL)")
+    p.add_argument("--results", default="results", metavar="DIR", help="root folder of study folders")
+    p.set_defaults(func=cmd_export_model)
 
     p = sub.add_parser("clean", help="delete weights off the front and the top-k", description=cmd_clean.__doc__)
     p.add_argument("name", metavar="NAME", help="study name")

@@ -46,6 +46,7 @@ class TrialRecord:
     stages: tuple[tuple[int, int, bool], ...]  # per backbone stage P1..P5: (depth, width, se)
     yaml_path: str | None
     is_baseline: bool = False
+    pruned: float | None = None  # the deploy-FLOPs fraction the ranked model was pruned to (None: not pruned)
 
 
 def pareto_mask(map50_95: ArrayLike, latency: ArrayLike) -> np.ndarray:
@@ -140,7 +141,7 @@ def _stage_columns(n_stages: int) -> list[str]:
 def _columns(n_stages: int = len(STAGE_NAMES)) -> list[str]:
     return [
         "rank", "trial", "map50_95", "map50", "latency_ms", "device", "latency_ratio", "params_m", "gflops_deploy",
-        *_stage_columns(n_stages), "dominates_baseline", "pareto", "baseline", "yaml", "state",
+        "pruned", *_stage_columns(n_stages), "dominates_baseline", "pareto", "baseline", "yaml", "state",
     ]
 
 
@@ -177,6 +178,7 @@ def pareto_table(records: Iterable[TrialRecord]) -> pd.DataFrame:
         "latency_ratio": [_float(r.latency_ratio) for r in rows],
         "params_m": [np.nan if r.params is None else r.params / 1e6 for r in rows],
         "gflops_deploy": [_float(r.gflops_deploy) for r in rows],
+        "pruned": [_float(r.pruned) for r in rows],
     }
     for s, name in enumerate(_stage_names(n_stages)):
         stage = [r.stages[s] if s < len(r.stages) else None for r in rows]
@@ -281,7 +283,8 @@ def _devices(df: pd.DataFrame) -> tuple[str, ...]:
     return tuple(dict.fromkeys(d for d in df["device"] if isinstance(d, str) and d))
 
 
-_DECIMALS = {"map50_95": 4, "map50": 4, "latency_ms": 3, "latency_ratio": 3, "params_m": 3, "gflops_deploy": 2}
+_DECIMALS = {"map50_95": 4, "map50": 4, "latency_ms": 3, "latency_ratio": 3, "params_m": 3, "gflops_deploy": 2,
+             "pruned": 2}
 
 
 def _cell(column: str, value: object) -> str:

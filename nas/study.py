@@ -45,11 +45,14 @@ from nas.evaluate import evaluate
 from nas.files import file_lock, host_lock_path, state_dict_bytes, write_bytes_atomic, write_text_atomic
 from nas.latency import LatencyConfig, measure_latency
 from nas.pareto import FORMATS, TrialRecord, export_pareto
+from nas.prune import prune_job
 from nas.train import ProxyConfig, epochs_csv, fit, resolve_device
+from pruning.channel import prune_to_flops
+from pruning.portable import save_pruned
 from pruning.reparam import fuse_model, fusion_error
 from space.blocks import make_divisible
 from space.builder import build_model
-from space.cost import model_cost
+from space.cost import count_gflops, model_cost
 from space.errors import RepnasError
 from space.searchspace import SEED_HEAD, STAGE_NAMES, Arch, Space, load_space, sample_arch, seed_arch
 from space.yamlio import read_yaml
@@ -112,6 +115,8 @@ class StudySettings:
     keep_weights: int | None = None
     artifacts: str | None = None
     stale_after: float | None = None
+    prune_to: float | None = None  # prune each candidate's fused model to this deploy-FLOPs fraction, rank that
+    prune_finetune_epochs: int | None = None  # fine-tuning epochs after pruning (None: ceil(proxy epochs / 5))
     results: str = "results"  # root folder of study folders
     quiet: bool = True
 
@@ -125,6 +130,11 @@ class StudySettings:
                 raise StudyError(f"{key}={value!r} must be a positive integer")
         if self.keep_weights is not None and (not isinstance(self.keep_weights, int) or self.keep_weights < 0):
             raise StudyError(f"keep_weights={self.keep_weights!r} must be an integer >= 0")
+        if self.prune_to is not None and not (isinstance(self.prune_to, (int, float)) and 0.01 <= self.prune_to <= 1):
+            raise StudyError(f"prune_to={self.prune_to!r} must be a deploy-FLOPs fraction in [0.01, 1] (1: no pruning)")
+        if self.prune_finetune_epochs is not None and (not isinstance(self.prune_finetune_epochs, int)
+                                                       or self.prune_finetune_epochs < 0):
+            raise StudyError(f"prune_finetune_epochs={self.prune_finetune_epochs!r} must be an integer >= 0")
         for key in ("max_latency_ms", "max_latency_ratio", "stale_after"):
             value = getattr(self, key)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -144,7 +154,8 @@ DEFAULTS: dict[str, Any] = {"space": "default", "trials": 20, "seed": 0, "sample
                             "batch": 1, "device": "auto", "latency": {}, "max_failures": 5, "early_stop": {},
                             "stale_after": 600.0}
 # Changing these mid-study would make trials incomparable (or scatter their files): refused on resume.
-FROZEN = ("data", "space", "imgsz", "batch", "proxy", "latency", "baseline", "device", "artifacts")
+FROZEN = ("data", "space", "imgsz", "batch", "proxy", "latency", "baseline", "device", "artifacts", "prune_to",
+          "prune_finetune_epochs")
 STORED = tuple(f.name for f in fields(StudySettings) if f.name not in ("name", "storage", "results", "quiet"))
 
 
@@ -447,6 +458,21 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
     trial.set_user_attr("gflops", cost.gflops)
     trial.set_user_attr("gflops_deploy", cost.gflops_deploy)
     trial.set_user_attr("gflops_imgsz", imgsz)
+    deployed = fuse_model(model)
+    fraction = arch.extra("prune_fraction", settings.prune_to)
+    probe = None
+    if not is_baseline and fraction is not None and float(fraction) < 1:  # the baseline is never pruned
+        # Channel counts per group follow the uniform ratio, not the weights: pruning the untrained network gives
+        # the final shapes, so the pruned model's cost and latency are known before training (checked after).
+        probe = prune_to_flops(deployed, float(fraction), imgsz)
+        deployed = probe.model
+        trial.set_user_attr("prune_fraction", float(fraction))
+        trial.set_user_attr("params_unpruned", cost.params_deploy)
+        trial.set_user_attr("gflops_deploy_unpruned", cost.gflops_deploy)
+        trial.set_user_attr("params", probe.params_after)
+        trial.set_user_attr("gflops_deploy", probe.gflops_after)
+        pruned_budget = probe.gflops_after if imgsz == space.imgsz else count_gflops(probe.model, space.imgsz)
+        budget_cost = replace(budget_cost, params_deploy=probe.params_after, gflops_deploy=pruned_budget)
     violation = space.budget_violation(budget_cost.params_deploy, budget_cost.gflops_deploy)
     if violation and not is_baseline:  # the baseline is the reference row of every table: never rejected
         reject("budget", 1.0, violation)
@@ -455,7 +481,7 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
     start = time.perf_counter()
     device = resolve_device(settings.device)
     with file_lock(host_lock_path("latency")):  # workers sharing a machine time one at a time
-        lat = measure_latency(fuse_model(model), imgsz, settings.batch, device, latency_config(settings, device),
+        lat = measure_latency(deployed, imgsz, settings.batch, device, latency_config(settings, device),
                               reference=baseline_fused)
     latency_ms = lat.latency_ratio * trial.study.user_attrs["baseline_latency_ms"]
     trial.set_user_attr("latency_ms", latency_ms)
@@ -536,19 +562,49 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
     else:
         metrics = evaluate(fused, data_cfg, cfg.imgsz, batch=cfg.batch * 2, device=x.device)
     phases["eval"] = time.perf_counter() - start
+    map50_95, map50 = metrics.map50_95, metrics.map50
+    params, gflops_deploy = cost.params_deploy, cost.gflops_deploy
 
-    summary = {"trial": trial.number, "arch": arch.to_params(), "map50_95": metrics.map50_95,
-               "map50": metrics.map50, "latency_ms": latency_ms, "latency_ratio": lat.latency_ratio,
-               "latency": lat.to_dict(), "params": cost.params_deploy, "gflops": cost.gflops,
-               "gflops_deploy": cost.gflops_deploy, "imgsz": imgsz, "proxy": cfg.to_dict(), "seconds": phases,
-               "data": str(data_cfg.source), "fusion_error": error}
+    if probe is not None:
+        start = time.perf_counter()
+        trial.set_user_attr("map50_95_unpruned", map50_95)
+        trial.set_user_attr("map50_unpruned", map50)
+        epochs = settings.prune_finetune_epochs
+        epochs = math.ceil(cfg.epochs / 5) if epochs is None else epochs
+        tune = ProxyConfig.finetune(epochs=max(epochs, 1), imgsz=cfg.imgsz, batch=cfg.batch, device=str(x.device),
+                                    quiet=cfg.quiet, cache_images=cfg.cache_images)
+        report = prune_job(fused, data_cfg, float(fraction), imgsz=imgsz, eval_imgsz=cfg.imgsz,
+                           finetune_epochs=epochs, finetune=tune, device=str(x.device), evaluate_before=False,
+                           measure=False)
+        if report.result.plan != probe.plan:  # not expected (see above); then time the network that is ranked
+            with file_lock(host_lock_path("latency")):
+                lat = measure_latency(report.model, imgsz, settings.batch, device, latency_config(settings, device),
+                                      reference=baseline_fused)
+            latency_ms = lat.latency_ratio * trial.study.user_attrs["baseline_latency_ms"]
+            trial.set_user_attr("latency_ms", latency_ms)
+            trial.set_user_attr("latency_ratio", lat.latency_ratio)
+            trial.set_user_attr("latency_remeasured", True)
+        save_pruned(report.model, folder / "pruned", report.result.plan,
+                    info={"data": str(data_cfg.source), "train_imgsz": cfg.imgsz, "target": float(fraction)})
+        for name in ("channels.json", "weights.pt"):
+            files[f"pruned/{name}"] = _sha256((folder / "pruned" / name).read_bytes())
+        map50_95, map50 = report.map_finetuned or report.map_pruned
+        params, gflops_deploy = report.result.params_after, report.result.gflops_after
+        trial.set_user_attr("prune", {k: v for k, v in report.to_dict().items() if k != "channels"})
+        phases["prune"] = time.perf_counter() - start
+
+    summary = {"trial": trial.number, "arch": arch.to_params(), "map50_95": map50_95,
+               "map50": map50, "latency_ms": latency_ms, "latency_ratio": lat.latency_ratio,
+               "latency": lat.to_dict(), "params": params, "gflops": cost.gflops,
+               "gflops_deploy": gflops_deploy, "imgsz": imgsz, "proxy": cfg.to_dict(), "seconds": phases,
+               "data": str(data_cfg.source), "fusion_error": error, "prune_fraction": fraction if probe else None}
     save("metrics.json", json.dumps(summary, indent=2, default=str).encode())
-    trial.set_user_attr("map50_95", metrics.map50_95)
-    trial.set_user_attr("map50", metrics.map50)
+    trial.set_user_attr("map50_95", map50_95)
+    trial.set_user_attr("map50", map50)
     trial.set_user_attr("seconds", phases)
     trial.set_user_attr("constraints", [0.0])
     trial.set_constraint("budget", 0.0)
-    return metrics.map50_95, latency_ms
+    return map50_95, latency_ms
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -698,7 +754,7 @@ def trial_records(study: optuna.Study, settings: StudySettings) -> list[TrialRec
             latency_ms=attrs.get("latency_ms"), latency_ratio=attrs.get("latency_ratio"),
             device=device_label(attrs["device"]) if "device" in attrs else "", params=attrs.get("params"),
             gflops_deploy=attrs.get("gflops_deploy"), stages=stages, yaml_path=model_yaml,
-            is_baseline=bool(attrs.get("baseline")),
+            is_baseline=bool(attrs.get("baseline")), pruned=attrs.get("prune_fraction"),
         ))
     return records
 
