@@ -305,6 +305,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         settings = _study_settings(args)
     except InvalidStudyName as err:
         raise UsageError(str(err)) from None
+    if args.command == "resume":
+        from nas.study import load_study
+
+        load_study(settings.name, storage=settings.storage, results=settings.results)  # resume: it must exist
     if args.devices and not __import__("torch").cuda.is_available():
         raise UsageError(f"--devices {','.join(args.devices)}: no CUDA device is available here; drop --devices")
     study = run_search(settings, report=lambda line: print(line, flush=True), workers=args.workers,

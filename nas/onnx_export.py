@@ -8,6 +8,9 @@ exporter (`dynamo=False`), which needs only `onnx`; onnxruntime runs the check. 
 
 from __future__ import annotations
 
+import copy
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -54,14 +57,18 @@ def export_onnx(model: nn.Module, path: str | Path, imgsz: int | tuple[int, int]
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = _Decoded(model).to("cpu", torch.float32).eval()
+    wrapped = _Decoded(copy.deepcopy(model)).to("cpu", torch.float32).eval()  # the caller's model stays as is
     x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
-    tmp = path.with_name(f".{path.name}.tmp")
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # TorchScript tracer notes on the grid cache and shape arithmetic
-        torch.onnx.export(wrapped, (x,), str(tmp), dynamo=False, opset_version=opset, input_names=["images"],
-                          output_names=["output"], dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}})
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # TorchScript tracer notes on the grid cache and shape arithmetic
+            torch.onnx.export(wrapped, (x,), tmp, dynamo=False, opset_version=opset, input_names=["images"],
+                              output_names=["output"], dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}})
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     report = {"path": str(path), "imgsz": [h, w], "opset": opset}
     if check:
         report |= compare(wrapped, path, torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(1)))

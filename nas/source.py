@@ -86,6 +86,19 @@ def _trial_metrics(folder: Path) -> dict:
         return {}
 
 
+def _check_files(folder: Path, expected: dict) -> None:
+    """Each file's sha256 against the one the study recorded."""
+    for name, entry in expected.items():
+        path = folder / name
+        if not path.is_file():
+            raise SourceError(f"{path}: missing (weights are kept only for the Pareto front and the top-k when a "
+                              "study runs with --keep-weights or `repnas clean`)")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != entry["sha256"]:
+            raise SourceError(f"{path}: sha256 {digest[:12]}... differs from the {entry['sha256'][:12]}... recorded "
+                              "by the study; the file was changed or damaged")
+
+
 def _from_folder(folder: Path, expected: dict | None = None) -> Source:
     """A trial folder (model.yaml + fused.pt or weights.pt) or a pruned-model folder (channels.json)."""
     from pruning.portable import PLAN_FILE, load_pruned, read_plan
@@ -105,10 +118,7 @@ def _from_folder(folder: Path, expected: dict | None = None) -> Source:
         if not path.is_file():
             continue
         if expected and name in expected:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            if digest != expected[name]["sha256"]:
-                raise SourceError(f"{path}: sha256 {digest[:12]}... differs from the {expected[name]['sha256'][:12]}"
-                                  "... recorded by the study; the file was changed or damaged")
+            _check_files(folder, {name: expected[name]})
         model = load_weights(yaml_path, read_state(path, name), source=str(path))
         metrics = _trial_metrics(folder)
         return Source(_deploy(model), f"trial folder {folder} ({name})", int(model.detect.nc), metrics.get("data"),
@@ -138,7 +148,12 @@ def load_source(source: str, weights: str | None = None, *, results: str = "resu
             raise SourceError(f"{source}: trial {number} is {trial.state.name}, not COMPLETE; pick a finished trial "
                               f"(`repnas show {match['study']}` lists the front)")
         settings = stored_settings(study, match["study"], storage, results)
-        loaded = _from_folder(trial_folder(settings, number), trial.user_attrs.get("files"))
+        folder = trial_folder(settings, number)
+        files = trial.user_attrs.get("files") or {}
+        if trial.user_attrs.get("prune_fraction"):  # the ranked network is the pruned one
+            _check_files(folder, {k: v for k, v in files.items() if k.startswith("pruned/")})
+            folder = folder / "pruned"
+        loaded = _from_folder(folder, files)
         loaded.description = f"{source} ({loaded.description})"
         loaded.data = loaded.data or settings.data
         loaded.info["trial_attrs"] = {k: trial.user_attrs.get(k) for k in ("map50_95", "map50", "latency_ms",

@@ -63,6 +63,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SAMPLERS = ("tpe", "nsga2", "random")
 FUSION_TOLERANCE = 1e-4
 SETTINGS_ATTR = "settings"
+HEARTBEAT_S = 30.0  # a running trial's lease is renewed this often
 BASELINE_REPEATS = 3  # measurements of the baseline's latency at creation; the lowest median is frozen
 
 
@@ -135,6 +136,10 @@ class StudySettings:
         if self.prune_finetune_epochs is not None and (not isinstance(self.prune_finetune_epochs, int)
                                                        or self.prune_finetune_epochs < 0):
             raise StudyError(f"prune_finetune_epochs={self.prune_finetune_epochs!r} must be an integer >= 0")
+        if self.stale_after is not None and isinstance(self.stale_after, (int, float)) and \
+                self.stale_after < 3 * HEARTBEAT_S:
+            raise StudyError(f"stale_after={self.stale_after!r} must be at least {3 * HEARTBEAT_S:g} s (3 heartbeats): "
+                             "a live worker's trial would be taken for dead")
         for key in ("max_latency_ms", "max_latency_ratio", "stale_after"):
             value = getattr(self, key)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -187,6 +192,8 @@ def merge_settings(given: StudySettings, stored: dict | None, *, force: bool = F
         new = _normalise(key, getattr(given, key))
         if stored is not None and key in stored:
             old = stored[key]
+            if isinstance(old, dict) and isinstance(new, dict):
+                new = old | new  # --epochs 20 changes one proxy field, not the others
             if new is not None and key in FROZEN and new != old:
                 changed.append(f"{key}: {old!r} -> {new!r}")
             values[key] = old if new is None else new
@@ -273,10 +280,12 @@ def storage_for(settings: StudySettings, *, create: bool = True) -> optuna.stora
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def make_sampler(settings: StudySettings) -> optuna.samplers.BaseSampler:
+def make_sampler(settings: StudySettings, stream: int = 0) -> optuna.samplers.BaseSampler:
     """The study's sampler. Optuna 5 samplers read `trial.set_constraint` values (constraints_func is deprecated):
-    an over-budget trial sets "budget" = 1.0, so TPE learns where the infeasible region is."""
-    trials, seed = settings.trials, settings.seed
+    an over-budget trial sets "budget" = 1.0, so TPE learns where the infeasible region is (NSGA-II and random
+    ignore it). `stream` makes each worker process (and each resumed run) draw its own random sequence: the seed is
+    settings.seed + 9973 x stream."""
+    trials, seed = settings.trials, settings.seed + 9973 * stream
     if settings.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=max(4, min(50, trials // 3)), seed=seed)
     if settings.sampler == "random":
@@ -322,20 +331,22 @@ def load_enqueue(path: str, space: Space) -> dict:
     return load_baseline(path, space).to_params()
 
 
-def create_or_load_study(settings: StudySettings, *, enqueue: Sequence[str] = ()) -> optuna.Study:
+def create_or_load_study(settings: StudySettings, *, enqueue: Sequence[str] = (), stream: int = 0,
+                         update: bool = True) -> optuna.Study:
     """Create the study (frozen baseline latency measured, baseline enqueued as trial 0) or load it.
 
     `settings` must be resolved (`merge_settings`); `run_search` does that. A loaded study whose stored settings
-    differ from `settings` (a forced change) gets them replaced, the change kept in "settings_history". `enqueue`:
-    YAMLs of known candidates to enqueue (after the baseline).
+    differ from `settings` (a forced change) gets them replaced (unless `update` is False: worker processes), the
+    change kept in "settings_history". `enqueue`: YAMLs of known candidates to enqueue (after the baseline).
+    `stream`: see `make_sampler`.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage_for(settings), study_name=settings.name, load_if_exists=True,
-                                directions=["maximize", "minimize"], sampler=make_sampler(settings))
+                                directions=["maximize", "minimize"], sampler=make_sampler(settings, stream))
     space = load_space(settings.space)
     extra = [load_enqueue(path, space) for path in enqueue]  # all checked before anything is written
     if SETTINGS_ATTR in study.user_attrs:
-        if study.user_attrs[SETTINGS_ATTR] != settings_json(settings):
+        if update and study.user_attrs[SETTINGS_ATTR] != settings_json(settings):
             history = list(study.user_attrs.get("settings_history", []))
             history.append({"time": time.time(), "settings": json.loads(study.user_attrs[SETTINGS_ATTR])})
             study.set_user_attr("settings_history", history)
@@ -371,7 +382,6 @@ class TrialRejected(optuna.TrialPruned):
 
 
 NOT_COUNTED = ("rejected", "duplicate", "surplus")  # pruned_reason values of trials that do not count
-HEARTBEAT_S = 30.0  # a running trial's lease is renewed this often
 
 
 def _sha256(data: bytes) -> str:
@@ -388,13 +398,19 @@ def trial_folder(settings: StudySettings, number: int) -> Path:
     return settings.trials_root / str(number)
 
 
-def _completed_archs(study: optuna.Study) -> list[dict]:
-    return [t.user_attrs.get("arch") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+def _taken_archs(study: optuna.Study, number: int) -> list[dict]:
+    """Archs of COMPLETE trials and of other RUNNING ones (a parallel worker may be training the same one)."""
+    return [t.user_attrs.get("arch") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                                                         TrialState.RUNNING))
+            if t.number != number]
 
 
-def _finished_for_rule(study: optuna.Study) -> list[Finished]:
+def _finished_for_rule(study: optuna.Study, prune_fraction: float | None = None) -> list[Finished]:
+    """COMPLETE trials with a curve; only those pruned to the same fraction (their latency is the pruned one)."""
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get("prune_fraction") != prune_fraction:
+            continue
         latency = t.user_attrs.get("latency_ms")
         if latency is not None and t.user_attrs.get("curve"):
             out.append(Finished(t.number, float(latency), curve_from_attr(t.user_attrs["curve"])))
@@ -445,7 +461,7 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
     start = time.perf_counter()
     arch = sample_arch(trial, space)
     trial.set_user_attr("arch", arch.to_params())
-    if arch.to_params() in _completed_archs(trial.study):
+    if arch.to_params() in _taken_archs(trial.study, trial.number):
         trial.set_user_attr("pruned_reason", "duplicate")
         raise TrialRejected("duplicate: this Arch was already trained in this study")
     save("model.yaml", arch.to_yaml_text(data_cfg.nc).encode())
@@ -509,17 +525,23 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
         curve.append([epoch, map50_95, map50])
         trial.set_user_attr("curve", curve)
         reason = None if is_baseline else should_stop(epoch, map50_95, latency_ms, cfg.epochs,
-                                                      _finished_for_rule(trial.study), rule)
+                                                      _finished_for_rule(trial.study, trial.user_attrs.get(
+                                                          "prune_fraction")), rule)
         if reason:
             stop_reason.append(reason)
         return bool(reason)
 
+    result = None
     try:
         result = fit(model, data_cfg, cfg, callbacks=(on_validation,))
     except Exception as err:
         if not (_is_oom(err) and cfg.batch >= 2):
             raise
-        del model, err
+    if result is None:  # out of memory: retry once at half the batch, outside the except block so that the failed
+        import gc  # attempt's frames (activations, optimizer state) can be freed first
+
+        del model
+        gc.collect()
         torch.cuda.empty_cache()
         cfg = replace(cfg, batch=cfg.batch // 2)
         trial.set_user_attr("oom_retry", f"CUDA out of memory at batch {cfg.batch * 2}; retried at batch {cfg.batch}")
@@ -663,8 +685,17 @@ def claim_trial(study: optuna.Study, settings: StudySettings) -> optuna.Trial | 
     return None
 
 
+def host_id() -> str:
+    """This machine: its hostname and, on Linux, its boot id (two containers or hosts may share a hostname)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}" if boot else socket.gethostname()
+
+
 def _take_lease(trial: optuna.Trial) -> None:
-    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("host", host_id())
     trial.set_user_attr("pid", os.getpid())
     trial.set_user_attr("heartbeat", time.time())
 
@@ -691,8 +722,10 @@ class Heartbeat:
                 os._exit(EXIT_ORPHANED)
             try:
                 storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
-            except Exception:  # the trial was finished (or marked stale) meanwhile: nothing left to renew
+            except optuna.exceptions.UpdateFinishedTrialError:  # finished (or marked stale): nothing to renew
                 return
+            except Exception as err:  # a storage hiccup (network, lock): try again at the next beat
+                LOG.warning("heartbeat of trial id %s failed (%s); retrying", trial_id, err)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -712,8 +745,7 @@ def recover_stale_trials(study: optuna.Study, stale_after: float = DEFAULTS["sta
     A worker is gone when it ran on this host and its PID is dead, or when its lease (heartbeat, else the trial's
     start) is older than `stale_after` seconds (any host; hosts' clocks are assumed to agree to well within that).
     """
-    host, now = socket.gethostname(), time.time()
-    waiting = [t.system_attrs.get("fixed_params") for t in study.get_trials(states=(TrialState.WAITING,))]
+    host, now = host_id(), time.time()
     marked = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = t.user_attrs
@@ -726,16 +758,33 @@ def recover_stale_trials(study: optuna.Study, stale_after: float = DEFAULTS["sta
             reason = f"stale: no heartbeat from {attrs.get('host')} pid {pid} for {now - beat:.0f} s"
         else:
             continue
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
-        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        try:  # whoever tells FAIL first re-enqueues; a concurrent recoverer (or the trial finishing) wins the race
+            study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+            study.tell(t.number, state=TrialState.FAIL)
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError, ValueError):
+            continue
         marked.append(t.number)
-        params = attrs.get("arch") or t.system_attrs.get("fixed_params") or t.params
-        # not enqueue_trial(skip_if_exists=True): it matches the stale trial itself and would never re-enqueue
-        if params and params not in waiting:
-            keep = {k: attrs[k] for k in ("baseline", "enqueued") if attrs.get(k)}
-            study.enqueue_trial(params, user_attrs={"requeued_from": t.number} | keep)
-            waiting.append(params)
+        requeue(study, t, "stale")
     return marked
+
+
+MAX_REQUEUES = 2  # an Arch whose trials keep dying (e.g. the kernel's OOM killer) is not enqueued forever
+
+
+def requeue(study: optuna.Study, t: FrozenTrial | optuna.Trial, why: str) -> bool:
+    """Enqueue the params of a trial that did not finish (stale, interrupted) again, keeping its baseline/enqueued
+    marks; at most MAX_REQUEUES times along a chain. Returns whether it was enqueued."""
+    frozen = study._storage.get_trial(t._trial_id)
+    attrs = frozen.user_attrs
+    params = attrs.get("arch") or frozen.system_attrs.get("fixed_params") or frozen.params
+    requeues = int(attrs.get("requeues", 0)) + 1
+    if not params or requeues > MAX_REQUEUES:
+        return False
+    keep = {k: attrs[k] for k in ("baseline", "enqueued") if attrs.get(k)}
+    # not enqueue_trial(skip_if_exists=True): it matches the unfinished trial itself and would never re-enqueue
+    study.enqueue_trial(params, user_attrs={"requeued_from": frozen.number, "requeues": requeues,
+                                            "requeue_reason": why} | keep)
+    return True
 
 
 def trial_records(study: optuna.Study, settings: StudySettings) -> list[TrialRecord]:
@@ -780,7 +829,7 @@ def export_files(study: optuna.Study, settings: StudySettings, out_dir: str | Pa
                          title=f"repnas study {settings.name}: mAP50-95 vs latency")
 
 
-WEIGHT_FILES = ("weights.pt", "fused.pt")
+WEIGHT_FILES = ("weights.pt", "fused.pt", "pruned/weights.pt")
 
 
 def weights_to_keep(study: optuna.Study, keep: int) -> set[int]:
@@ -804,7 +853,7 @@ def clean_weights(study: optuna.Study, settings: StudySettings, keep: int) -> li
         for name in WEIGHT_FILES:
             path = trial_folder(settings, t.number) / name
             if path.is_file():
-                path.unlink()
+                path.unlink(missing_ok=True)  # another worker may clean at the same moment
                 removed.append(path)
     return removed
 
@@ -839,43 +888,78 @@ def _context(settings: StudySettings, study: optuna.Study, first: int) -> _Conte
     return _Context(settings, study, space, data_cfg, fuse_model(build_model(baseline.to_yaml(data_cfg.nc))), first)
 
 
+def _safe(what: str, fn: Callable, *args) -> None:
+    """Run a reporting/housekeeping step; its failure is logged, never fatal to the worker."""
+    try:
+        fn(*args)
+    except Exception as err:  # e.g. a full disk while writing the Pareto PNG: the study itself is intact
+        LOG.warning("%s failed: %s: %s", what, type(err).__name__, err)
+
+
+def _finish(study: optuna.Study, trial: optuna.Trial, **tell) -> bool:
+    """Tell the trial's end; False when it was already finished by someone else (its lease was taken as lost)."""
+    try:
+        study.tell(trial, **tell)
+    except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError, ValueError) as err:
+        if study._storage.get_trial(trial._trial_id).state.is_finished():
+            return False
+        raise err
+    return True
+
+
 def _work(ctx: _Context, report: Callable[[str], None], parent_pid: int | None = None) -> None:
     """One worker's loop: claim a trial, run it, tell it, export; until the study has its trials."""
     settings, study = ctx.settings, ctx.study
     skipped_in_a_row, max_skipped = 0, max(20, 5 * settings.trials)
     while sum(counts(t) for t in study.get_trials(deepcopy=False)) < settings.trials:
         trial = claim_trial(study, settings)
-        if trial is None:
+        if trial is None:  # enough trials are running: unless one of them belongs to a dead worker, we are done
+            if recover_stale_trials(study, settings.stale_after):
+                continue
             return
         folder = trial_folder(settings, trial.number)
-        reason = ""
+        told = True
         try:
             with Heartbeat(study, trial._trial_id, parent_pid=parent_pid):
                 values = run_trial(trial, settings, ctx.space, ctx.data_cfg, ctx.baseline_fused)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            told = False  # marked stale by another process while it ran: its result cannot be recorded
         except optuna.TrialPruned as why:
-            trial.set_user_attr("pruned_reason", trial.user_attrs.get("pruned_reason") or str(why))
-            study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+            try:
+                trial.set_user_attr("pruned_reason", trial.user_attrs.get("pruned_reason") or str(why))
+                told = _finish(study, trial, state=TrialState.PRUNED)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                told = False
         except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted")
-            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-            export_files(study, settings)
+            try:
+                trial.set_user_attr("fail_reason", "interrupted")
+                if _finish(study, trial, state=TrialState.FAIL):
+                    requeue(study, trial, "interrupted")  # the baseline or an enqueued candidate is not lost
+            finally:
+                _safe("Pareto export", export_files, study, settings)
             raise
         except Exception as err:  # any trial error fails the trial, not the study
             reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
-            trial.set_user_attr("fail_reason", reason)
             folder.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(folder / "traceback.txt", traceback.format_exc())
+            _safe("traceback", write_text_atomic, folder / "traceback.txt", traceback.format_exc())
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # after an OOM the next trial should start from a clean cache
-            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            try:
+                trial.set_user_attr("fail_reason", reason)
+                told = _finish(study, trial, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                told = False
         else:
-            study.tell(trial, values, skip_if_finished=True)
-        frozen = study.get_trials(deepcopy=False)[trial.number]
+            told = _finish(study, trial, values=values)
+        if not told:
+            report(f"trial {trial.number:>4} lost its lease (marked stale by another worker); its result is dropped")
+            continue
+        frozen = study._storage.get_trial(trial._trial_id)
         skipped_in_a_row = 0 if counts(frozen) or frozen.state == TrialState.FAIL else skipped_in_a_row + 1
         report(trial_line(frozen))
-        export_files(study, settings)
+        _safe("Pareto export", export_files, study, settings)
         if settings.keep_weights is not None:
-            clean_weights(study, settings, settings.keep_weights)
+            _safe("weights cleaning", clean_weights, study, settings, settings.keep_weights)
         failures = _failures_since(study, ctx.first)
         if len(failures) >= settings.max_failures:
             last = failures[-1]
@@ -938,10 +1022,16 @@ def run_search(settings: StudySettings, *, report: Callable[[str], None] | None 
     first = _run_start(study)
     if workers <= 1 and len(devices) <= 1:
         if devices:
-            settings = replace(settings, device=f"cuda:{devices[0]}")
+            settings = replace(settings, device=f"cuda:{devices[0]}")  # for this run only, not stored
+        stream = len(study.get_trials(deepcopy=False))  # a resumed run draws its own random sequence
+        study = create_or_load_study(settings, stream=stream, update=False) if stream else study
         _work(_context(settings, study, first), report)
     else:
         _run_workers(settings, max(workers, len(devices)), devices, first, report)
+    counted = sum(counts(t) for t in study.get_trials(deepcopy=False))
+    running = sum(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+    if counted < settings.trials and running:
+        report(f"{counted} of {settings.trials} trials counted; {running} still RUNNING in other workers")
     return study
 
 
@@ -966,8 +1056,10 @@ def _run_workers(settings: StudySettings, n: int, devices: Sequence[str], first:
     threads = None
     if not devices and resolve_device(settings.device).type == "cpu":
         threads = max(1, (os.cpu_count() or 1) // n)  # n workers on one CPU: no oversubscription
+    # own sessions: a terminal's Ctrl-C reaches this process only, which forwards one SIGINT to each worker
     procs = [subprocess.Popen(_worker_command(settings, i, f"cuda:{devices[i % len(devices)]}" if devices else None,
-                                              first, threads), stdout=subprocess.PIPE, text=True, bufsize=1)
+                                              first, threads), stdout=subprocess.PIPE, text=True, bufsize=1,
+                              start_new_session=True)
              for i in range(n)]
 
     def relay(i: int, proc: subprocess.Popen) -> None:
@@ -993,11 +1085,14 @@ def _run_workers(settings: StudySettings, n: int, devices: Sequence[str], first:
     finally:
         for thread in relays:
             thread.join(timeout=5)
+    study = load_study(settings.name, storage=settings.storage, results=settings.results)
+    if sum(counts(t) for t in study.get_trials(deepcopy=False)) >= settings.trials:
+        return  # the study has its trials, whatever a worker said on its way out
+    if any(code not in (0, EXIT_STOPPED) for code in codes):
+        raise StudyError(f"study {settings.name!r}: worker exit codes {codes} (see their lines above); resume with "
+                         f"`repnas resume {settings.name}`")
     if any(code == EXIT_STOPPED for code in codes):
         raise SearchStopped(f"study {settings.name!r} stopped: a worker gave up (see its lines above)")
-    if any(code != 0 for code in codes):
-        raise StudyError(f"study {settings.name!r}: worker exit codes {codes}; resume with "
-                         f"`repnas resume {settings.name}`")
 
 
 EXIT_STOPPED = 3
@@ -1022,12 +1117,14 @@ def worker_main(spec_json: str) -> int:
     if not _pid_alive(spec["parent"]):
         return EXIT_ORPHANED
     settings = StudySettings(**spec["settings"])
-    if spec["device"]:
-        settings = replace(settings, device=spec["device"])
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    study = create_or_load_study(settings)
+    stream = 1 + spec["index"] + len(load_study(settings.name, storage=settings.storage,
+                                                results=settings.results).get_trials(deepcopy=False))
+    study = create_or_load_study(settings, stream=stream, update=False)  # the coordinator stored the settings
+    if spec["device"]:
+        settings = replace(settings, device=spec["device"])  # this worker's GPU, not the study's setting
     try:
         _work(_context(settings, study, spec["first"]), lambda line: print(line, flush=True), spec["parent"])
     except SearchStopped as err:

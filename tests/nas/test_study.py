@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -17,7 +16,7 @@ from optuna.trial import TrialState
 
 import nas.study
 from nas.cli import main
-from nas.study import SearchStopped, StudyError, StudySettings, counts, recover_stale_trials, run_search
+from nas.study import SearchStopped, StudyError, StudySettings, counts, host_id, recover_stale_trials, run_search
 from nas.train import TrainingDiverged
 from space.searchspace import Arch, arch_cost, load_space
 from tests.nas.conftest import BASELINE, TINY_SPACE
@@ -68,10 +67,10 @@ def test_stale_running_trial_is_failed_and_requeued(settings):
     trial = study.ask({"P1_width": optuna.distributions.CategoricalDistribution([8, 16])})
     arch = dict(BASELINE, P1_width=16)
     trial.set_user_attr("arch", arch)
-    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("host", host_id())
     trial.set_user_attr("pid", dead.pid)
     alive = study.ask()
-    alive.set_user_attr("host", socket.gethostname())
+    alive.set_user_attr("host", host_id())
     alive.set_user_attr("pid", os.getpid())
 
     assert recover_stale_trials(study) == [trial.number]
@@ -101,7 +100,7 @@ def test_diverging_trial_fails_and_the_study_finishes_its_count(settings, monkey
     traceback_txt = tmp_path / "results/tiny/trials" / str(failed[0].number) / "traceback.txt"
     assert "TrainingDiverged" in traceback_txt.read_text()
     screen = nas.study.show_study("tiny")  # `repnas show`: failures counted by reason, the front, time left
-    assert "4 in all, 3 of 3 counted" in screen
+    assert "in all, 3 of 3 counted" in screen and "3 COMPLETE, 1 FAIL" in screen
     assert "failed: 1 x TrainingDiverged: loss became nan at epoch 1" in screen
     assert "Pareto front: " in screen and "; hypervolume " in screen
     assert screen.splitlines()[-1] == "time left: none, the study has its trials"

@@ -219,3 +219,42 @@ def test_cli_refuses_devices_without_cuda_and_bad_values(capsys):
     err = capsys.readouterr().err
     assert "no CUDA device is available here" in err and "'a,b' is not a comma-separated list of CUDA indices" in err
     assert "'-3' is not a positive number" in err
+
+
+def test_interrupt_fails_the_trial_and_keeps_the_baseline_enqueued(settings, monkeypatch):
+    monkeypatch.setattr(nas.study, "fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run_search(settings)
+    study = _load(settings)
+    first, waiting = study.trials[0], study.trials[-1]
+    assert first.state == TrialState.FAIL and first.user_attrs["fail_reason"] == "interrupted"
+    assert waiting.state == TrialState.WAITING and waiting.user_attrs["baseline"] is True
+    assert waiting.user_attrs["requeued_from"] == 0 and waiting.user_attrs["requeue_reason"] == "interrupted"
+
+
+def test_a_trial_whose_lease_was_taken_is_dropped_and_the_worker_goes_on(settings, monkeypatch):
+    real_fit, lines = nas.study.fit, []
+
+    def fit(model, data, cfg, callbacks=()):
+        study = _load(settings)
+        running = [t for t in study.trials if t.state == TrialState.RUNNING]
+        if running and running[0].number == 1:  # another process takes trial 1 for dead while it trains
+            study.tell(running[0].number, state=TrialState.FAIL)
+        return real_fit(model, data, cfg, callbacks)
+
+    monkeypatch.setattr(nas.study, "fit", fit)
+    study = run_search(replace(settings, trials=2), report=lines.append)
+    assert "trial    1 lost its lease (marked stale by another worker); its result is dropped" in lines
+    assert study.trials[1].state == TrialState.FAIL and sum(counts(t) for t in study.trials) == 2
+
+
+def test_resume_changes_one_proxy_field_and_refuses_short_leases(settings, capsys):
+    run_search(replace(settings, trials=1))
+    assert main(["search", "--study", "tiny", "--epochs", "1", "--trials", "1", "--quiet"]) == 0  # same value
+    assert main(["search", "--study", "tiny", "--epochs", "2", "--quiet"]) == 2
+    assert main(["search", "--study", "tiny", "--stale-after", "10", "--quiet"]) == 2
+    assert main(["resume", "no-such-study"]) == 2
+    err = capsys.readouterr().err
+    assert "proxy: {" in err and "'epochs': 1" in err and "'epochs': 2" in err
+    assert "stale_after=10.0 must be at least 90 s" in err and "no study 'no-such-study'" in err
+    assert not (Path("results") / "no-such-study").exists()
