@@ -309,7 +309,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         from nas.study import load_study
 
         load_study(settings.name, storage=settings.storage, results=settings.results)  # resume: it must exist
-    if args.devices and not __import__("torch").cuda.is_available():
+    import torch
+
+    if args.devices and not torch.cuda.is_available():
         raise UsageError(f"--devices {','.join(args.devices)}: no CUDA device is available here; drop --devices")
     study = run_search(settings, report=lambda line: print(line, flush=True), workers=args.workers,
                        devices=args.devices or (), force=args.force, enqueue=args.enqueue or ())

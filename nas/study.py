@@ -1050,6 +1050,7 @@ def _worker_command(settings: StudySettings, index: int, device: str | None, fir
 def _run_workers(settings: StudySettings, n: int, devices: Sequence[str], first: int,
                  report: Callable[[str], None]) -> None:
     """Start `n` worker processes, relay their lines, wait; stop them all on Ctrl-C or when this process exits."""
+    import signal
     import subprocess
     import threading
 
@@ -1074,7 +1075,7 @@ def _run_workers(settings: StudySettings, n: int, devices: Sequence[str], first:
     except BaseException:
         for p in procs:
             if p.poll() is None:
-                p.send_signal(__import__("signal").SIGINT)
+                p.send_signal(signal.SIGINT)
         deadline = time.time() + 30
         for p in procs:
             try:

@@ -1,0 +1,56 @@
+"""Security promises that hold for the whole package: no eval/exec, and YAML code is never run."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from space.builder import build_model
+from space.errors import RepnasError
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("nas", "pruning", "space")
+BUILTINS = ("eval", "exec", "compile", "__import__")
+PICKLE = ("pickle.load", "pickle.loads", "pickle.Unpickler", "marshal.loads", "dill.load")
+
+
+def _calls(tree: ast.AST) -> list[tuple[str, int]]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            text = ast.unparse(f)
+            # the builtins (not methods such as module.eval() or re.compile()), and pickle's loaders
+            if text in BUILTINS or text in {f"builtins.{b}" for b in BUILTINS} or text in PICKLE:
+                found.append((text, node.lineno))
+    return found
+
+
+def test_no_eval_exec_or_pickle_load_in_the_package():
+    offenders = []
+    files = [p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")]
+    assert len(files) > 15
+    for path in files:
+        for name, line in _calls(ast.parse(path.read_text(), str(path))):
+            offenders.append(f"{path.relative_to(REPO)}:{line}: {name}(...)")
+    assert offenders == []
+
+
+def test_the_scan_finds_what_it_looks_for():
+    tree = ast.parse("eval('1')\nexec('x=1')\nbuiltins.__import__('os')\npickle.load(f)\nmodel.eval()\n")
+    assert [name for name, _ in _calls(tree)] == ["eval", "exec", "builtins.__import__", "pickle.load"]
+
+
+@pytest.mark.parametrize("module, args", [
+    ("__import__('os').system('touch PWNED')", [8, 3, 1]),
+    ("Conv", ["__import__('os').system('touch PWNED')", 3, 1]),
+    ("nn.Module.__subclasses__", [8]),
+])
+def test_code_in_a_model_yaml_is_rejected_and_runs_nothing(tmp_path, monkeypatch, module, args):
+    monkeypatch.chdir(tmp_path)
+    cfg = {"nc": 1, "anchors": 1, "backbone": [[-1, 1, module, args]], "head": [[-1, 1, "Detect", ["nc", "anchors"]]]}
+    with pytest.raises(RepnasError):
+        build_model(cfg)
+    assert not (tmp_path / "PWNED").exists()
