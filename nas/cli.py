@@ -547,8 +547,9 @@ def make_parser() -> argparse.ArgumentParser:
                                                      "MODEL.yaml with --weights")
     p.add_argument("--weights", help="state_dict for a MODEL.yaml source (train-time or fused)")
     p.add_argument("--target-flops", required=True, help="'50%%' or 0.5 of the deploy GFLOPs, or absolute '2.5G'")
-    p.add_argument("--importance", choices=("l2", "l1", "taylor", "random"), default="l2",
-                   help="channel importance: magnitude (l2, l1), first-order Taylor on training batches, or random")
+    p.add_argument("--importance", choices=("taylor", "l2", "l1", "random"), default="taylor",
+                   help="channel importance: first-order Taylor on training batches (default; see RESULTS.md), "
+                        "weight magnitude (l2, l1), or random")
     p.add_argument("--round-to", type=_positive_int, default=8, help="keep channel counts multiples of this (8)")
     p.add_argument("--finetune-epochs", type=_nonneg_int, default=0, help="fine-tuning epochs after pruning (0)")
     p.add_argument("--data", help="data.yaml (default: the study's data, else the built-in synthetic dataset)")

@@ -38,6 +38,13 @@ def test_prune_a_study_trial_writes_prune_json_and_a_loadable_model(study, tmp_p
     x = torch.rand(1, 3, 64, 64)
     again = load_source(str(out)).model
     assert torch.equal(model(x)[0], again(x)[0])
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return  # the ONNX test below says how to install them
+    assert main(["export-model", str(out), "--onnx", str(tmp_path / "pruned.onnx"), "--imgsz", "64"]) == 0
+    assert "onnxruntime vs PyTorch: max abs diff" in capsys.readouterr().out
 
 
 def test_export_model_onnx_matches_pytorch(study, tmp_path, capsys):
