@@ -524,7 +524,8 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
     def on_validation(epoch: int, losses: dict, map50_95: float, map50: float) -> bool:
         curve.append([epoch, map50_95, map50])
         trial.set_user_attr("curve", curve)
-        reason = None if is_baseline else should_stop(epoch, map50_95, latency_ms, cfg.epochs,
+        best = max(row[1] for row in curve)  # the rule credits the trial with its best validation so far
+        reason = None if is_baseline else should_stop(epoch, best, latency_ms, cfg.epochs,
                                                       _finished_for_rule(trial.study, trial.user_attrs.get(
                                                           "prune_fraction")), rule)
         if reason:
