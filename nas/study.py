@@ -446,6 +446,11 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
     files: dict[str, str] = {}
     rel = folder.relative_to(settings.trials_root).as_posix()
 
+    log: list[str] = []
+
+    def note(line: str) -> None:
+        log.append(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}")
+
     def save(name: str, data: bytes) -> None:
         write_bytes_atomic(folder / name, data)
         files[name] = _sha256(data)
@@ -493,6 +498,8 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
     if violation and not is_baseline:  # the baseline is the reference row of every table: never rejected
         reject("budget", 1.0, violation)
     phases["build"] = time.perf_counter() - start
+    note(f"built {arch.to_params()}: {cost.params_deploy:,} params, {cost.gflops_deploy:.3f} deploy GFLOPs at {imgsz}"
+         + (f"; pruned to {probe.gflops_after:.3f} GFLOPs ({float(fraction):g})" if probe else ""))
 
     start = time.perf_counter()
     device = resolve_device(settings.device)
@@ -506,6 +513,8 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
     trial.set_user_attr("latency_ratio", lat.latency_ratio)
     trial.set_user_attr("device", lat.device)
     phases["latency"] = time.perf_counter() - start
+    note(f"latency {lat.median_ms:.3f} ms median on {device_label(lat.device)}, ratio {lat.latency_ratio:.4f} to the "
+         f"baseline -> objective {latency_ms:.3f} ms")
     if not is_baseline:
         if settings.max_latency_ms is not None and latency_ms > settings.max_latency_ms:
             reject("latency", latency_ms / settings.max_latency_ms - 1,
@@ -552,6 +561,8 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
         result = fit(model, data_cfg, cfg, callbacks=(on_validation,))
     save("epochs.csv", epochs_csv(result.history).encode())
     phases["train"] = time.perf_counter() - start
+    note(f"trained {len(result.history)} epochs in {phases['train']:.1f} s" + (f" ({stop_reason[0]})" if stop_reason
+                                                                               else ""))
     if result.stopped_early:
         last = curve[-1]
         summary = {"trial": trial.number, "arch": arch.to_params(), "stopped": stop_reason[0],
@@ -563,6 +574,7 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
         trial.set_user_attr("partial_map50", last[2])
         trial.set_user_attr("seconds", phases)
         trial.set_user_attr("pruned_reason", stop_reason[0])
+        save("trial.log", ("\n".join(log) + "\n").encode())
         raise optuna.TrialPruned(stop_reason[0])
     save("weights.pt", state_dict_bytes(model))
 
@@ -622,6 +634,9 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
                "gflops_deploy": gflops_deploy, "imgsz": imgsz, "proxy": cfg.to_dict(), "seconds": phases,
                "data": str(data_cfg.source), "fusion_error": error, "prune_fraction": fraction if probe else None}
     save("metrics.json", json.dumps(summary, indent=2, default=str).encode())
+    note(f"fused (error {error:.2e}) and evaluated: mAP50-95 {map50_95:.4f}, mAP50 {map50:.4f}; phases "
+         + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+    save("trial.log", ("\n".join(log) + "\n").encode())
     trial.set_user_attr("map50_95", map50_95)
     trial.set_user_attr("map50", map50)
     trial.set_user_attr("seconds", phases)
@@ -974,7 +989,7 @@ def _work(ctx: _Context, report: Callable[[str], None], parent_pid: int | None =
 
 # A new study without --data is the demo on the built-in synthetic shapes: sized to finish on a laptop CPU in
 # about ten minutes (see benchmarks/RESULTS.md). Options given explicitly win; --data brings the full defaults.
-DEMO: dict[str, Any] = {"trials": 8, "proxy": {"epochs": 12, "imgsz": 96, "batch": 8, "val_every": 2},
+DEMO: dict[str, Any] = {"trials": 8, "proxy": {"epochs": 8, "imgsz": 64, "batch": 16, "val_every": 2},
                         "imgsz": 320, "latency": {"warmup": 2, "iters": 10, "rounds": 5}}
 
 

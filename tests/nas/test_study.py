@@ -43,7 +43,7 @@ def test_three_trials_complete_with_baseline_files_and_pareto(settings, tmp_path
         if t.state != TrialState.COMPLETE:
             continue
         files = t.user_attrs["files"]
-        assert set(files) == {"model.yaml", "weights.pt", "fused.pt", "epochs.csv", "metrics.json"}
+        assert set(files) == {"model.yaml", "weights.pt", "fused.pt", "epochs.csv", "metrics.json", "trial.log"}
         for entry in files.values():
             assert _sha(folder / "trials" / entry["path"]) == entry["sha256"]
         assert t.values[1] == pytest.approx(t.user_attrs["latency_ratio"] * study.user_attrs["baseline_latency_ms"])
