@@ -297,6 +297,9 @@ def make_sampler(settings: StudySettings, stream: int = 0) -> optuna.samplers.Ba
 
 
 def _load_stored(settings: StudySettings) -> dict | None:
+    """The stored settings of an existing study, or None (nothing is created when there is no study yet)."""
+    if not settings.storage and not (settings.folder / "study.log").is_file():
+        return None
     storage = storage_for(settings)
     try:
         study = optuna.load_study(study_name=settings.name, storage=storage)
@@ -1018,7 +1021,23 @@ def prepare_study(settings: StudySettings, *, force: bool = False,
         settings = replace(settings, data=str(default_dataset().resolve()))
     if settings.imgsz is None:  # latency/cost input size: the space's own unless given
         settings = replace(settings, imgsz=load_space(settings.space).imgsz)
+    check_settings(settings)  # bad input fails here, before anything is written
     return settings, create_or_load_study(settings, enqueue=enqueue)
+
+
+def check_settings(settings: StudySettings) -> None:
+    """Load and check everything a study's settings name (space, data, baseline, device, proxy, latency, early
+    stopping) without writing anything; raises the error a trial would otherwise hit."""
+    space = load_space(settings.space)
+    load_data_config(settings.data)
+    load_baseline(settings.baseline, space)
+    device = resolve_device(settings.device)
+    proxy_config(settings)
+    latency_config(settings, device)
+    try:
+        EarlyStopConfig(**(settings.early_stop or {}))
+    except (TypeError, ValueError) as err:
+        raise StudyError(f"early_stop settings {settings.early_stop}: {err}") from None
 
 
 def run_search(settings: StudySettings, *, report: Callable[[str], None] | None = None, workers: int = 1,

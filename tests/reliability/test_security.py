@@ -54,3 +54,16 @@ def test_code_in_a_model_yaml_is_rejected_and_runs_nothing(tmp_path, monkeypatch
     with pytest.raises(RepnasError):
         build_model(cfg)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_bad_search_input_writes_no_study(tmp_path, monkeypatch, capsys):
+    from nas.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for argv in (["search", "--study", "x1", "--device", "tpu"], ["search", "--study", "x2", "--space", "nope.yaml"],
+                 ["search", "--study", "x3", "--data", "missing/data.yaml"]):
+        assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("repnas search: error: ") for line in err)
+    assert "device 'tpu' is not a device" in err[0]
+    assert not (tmp_path / "results").exists()
