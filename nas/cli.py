@@ -23,14 +23,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+def _int_at_least(low: int):
+    """An argparse type: an integer >= `low`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_nonneg_int = _int_at_least(0)
 
 
 def _count(text: str) -> int:
@@ -44,6 +53,33 @@ def _imgsz(text: str) -> int:
     value = _positive_int(text)
     if value % 32 or value > 8192:
         raise argparse.ArgumentTypeError(f"{value} must be a multiple of 32 (the largest stride) up to 8192")
+    return value
+
+
+def _devices(text: str) -> list[str]:
+    items = [x.strip() for x in text.split(",")]
+    if not items or not all(x.isdigit() for x in items):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of CUDA indices, e.g. 0,1,2,3")
+    return items
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        value = float("nan")
+    if not 0.01 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in [0.01, 1] (e.g. 0.5 or 50%)")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
     return value
 
 
@@ -257,43 +293,6 @@ def _study_settings(args: argparse.Namespace):
         stale_after=args.stale_after, prune_to=args.prune_to, prune_finetune_epochs=args.prune_finetune_epochs,
         results=args.results, quiet=args.quiet,
     )
-
-
-def _devices(text: str) -> list[str]:
-    items = [x.strip() for x in text.split(",")]
-    if not items or not all(x.isdigit() for x in items):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of CUDA indices, e.g. 0,1,2,3")
-    return items
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-    except ValueError:
-        value = float("nan")
-    if not 0.01 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in [0.01, 1] (e.g. 0.5 or 50%%)")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (value > 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
-    return value
 
 
 def cmd_search(args: argparse.Namespace) -> int:

@@ -129,13 +129,12 @@ class StudySettings:
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise StudyError(f"{key}={value!r} must be a positive integer")
-        if self.keep_weights is not None and (not isinstance(self.keep_weights, int) or self.keep_weights < 0):
-            raise StudyError(f"keep_weights={self.keep_weights!r} must be an integer >= 0")
+        for key in ("keep_weights", "prune_finetune_epochs"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise StudyError(f"{key}={value!r} must be an integer >= 0")
         if self.prune_to is not None and not (isinstance(self.prune_to, (int, float)) and 0.01 <= self.prune_to <= 1):
             raise StudyError(f"prune_to={self.prune_to!r} must be a deploy-FLOPs fraction in [0.01, 1] (1: no pruning)")
-        if self.prune_finetune_epochs is not None and (not isinstance(self.prune_finetune_epochs, int)
-                                                       or self.prune_finetune_epochs < 0):
-            raise StudyError(f"prune_finetune_epochs={self.prune_finetune_epochs!r} must be an integer >= 0")
         if self.stale_after is not None and isinstance(self.stale_after, (int, float)) and \
                 self.stale_after < 3 * HEARTBEAT_S:
             raise StudyError(f"stale_after={self.stale_after!r} must be at least {3 * HEARTBEAT_S:g} s (3 heartbeats): "
@@ -334,22 +333,20 @@ def load_enqueue(path: str, space: Space) -> dict:
     return load_baseline(path, space).to_params()
 
 
-def create_or_load_study(settings: StudySettings, *, enqueue: Sequence[str] = (), stream: int = 0,
-                         update: bool = True) -> optuna.Study:
+def create_or_load_study(settings: StudySettings, *, enqueue: Sequence[str] = ()) -> optuna.Study:
     """Create the study (frozen baseline latency measured, baseline enqueued as trial 0) or load it.
 
     `settings` must be resolved (`merge_settings`); `run_search` does that. A loaded study whose stored settings
-    differ from `settings` (a forced change) gets them replaced (unless `update` is False: worker processes), the
-    change kept in "settings_history". `enqueue`: YAMLs of known candidates to enqueue (after the baseline).
-    `stream`: see `make_sampler`.
+    differ from `settings` (a forced change) gets them replaced, the change kept in "settings_history".
+    `enqueue`: YAMLs of known candidates to enqueue (after the baseline).
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage_for(settings), study_name=settings.name, load_if_exists=True,
-                                directions=["maximize", "minimize"], sampler=make_sampler(settings, stream))
+                                directions=["maximize", "minimize"], sampler=make_sampler(settings))
     space = load_space(settings.space)
     extra = [load_enqueue(path, space) for path in enqueue]  # all checked before anything is written
     if SETTINGS_ATTR in study.user_attrs:
-        if update and study.user_attrs[SETTINGS_ATTR] != settings_json(settings):
+        if study.user_attrs[SETTINGS_ATTR] != settings_json(settings):
             history = list(study.user_attrs.get("settings_history", []))
             history.append({"time": time.time(), "settings": json.loads(study.user_attrs[SETTINGS_ATTR])})
             study.set_user_attr("settings_history", history)
@@ -1058,8 +1055,7 @@ def run_search(settings: StudySettings, *, report: Callable[[str], None] | None 
     if workers <= 1 and len(devices) <= 1:
         if devices:
             settings = replace(settings, device=f"cuda:{devices[0]}")  # for this run only, not stored
-        stream = len(study.get_trials(deepcopy=False))  # a resumed run draws its own random sequence
-        study = create_or_load_study(settings, stream=stream, update=False) if stream else study
+        study.sampler = make_sampler(settings, len(study.get_trials(deepcopy=False)))  # each run: its own draws
         _work(_context(settings, study, first), report)
     else:
         _run_workers(settings, max(workers, len(devices)), devices, first, report)
@@ -1156,9 +1152,8 @@ def worker_main(spec_json: str) -> int:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    stream = 1 + spec["index"] + len(load_study(settings.name, storage=settings.storage,
-                                                results=settings.results).get_trials(deepcopy=False))
-    study = create_or_load_study(settings, stream=stream, update=False)  # the coordinator stored the settings
+    study = load_study(settings.name, storage=settings.storage, results=settings.results)  # made by the coordinator
+    study.sampler = make_sampler(settings, 1 + spec["index"] + len(study.get_trials(deepcopy=False)))
     if spec["device"]:
         settings = replace(settings, device=spec["device"])  # this worker's GPU, not the study's setting
     try:
