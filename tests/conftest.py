@@ -100,3 +100,15 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the counts that tests/reliability recorded (see tests/reliability/conftest.py)."""
+    try:
+        from tests.reliability.conftest import COUNTS
+    except ImportError:
+        return
+    if COUNTS:
+        terminalreporter.section("repnas reliability counts")
+        for key, line in COUNTS.items():
+            terminalreporter.write_line(f"{key}: {line}")
