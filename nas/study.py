@@ -1059,6 +1059,9 @@ def run_search(settings: StudySettings, *, report: Callable[[str], None] | None 
         _work(_context(settings, study, first), report)
     else:
         _run_workers(settings, max(workers, len(devices)), devices, first, report)
+    # Once more at the end of every run: a process killed after telling its last trial but before (or while)
+    # writing the Pareto files left them behind the study, and a resume with no trial left to run must repair them.
+    _safe("Pareto export", export_files, study, settings)
     counted = sum(counts(t) for t in study.get_trials(deepcopy=False))
     running = sum(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
     if counted < settings.trials and running:

@@ -1,0 +1,104 @@
+"""A coordinator killed with SIGKILL leaves no orphaned workers, and a resume recovers the trials they held.
+
+`repnas search --workers 2` runs as a subprocess in its own session. Once both of its worker processes are inside
+trials (two RUNNING trials held by two PIDs whose parent is the coordinator), only the coordinator is SIGKILLed. Its
+workers must exit on their own within a bounded time (PR_SET_PDEATHSIG, and the heartbeat's parent check), and
+`repnas search --study NAME` must then fail their trials as stale, enqueue their Archs again and finish the study.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import nas.study
+from nas.cli import main
+from nas.study import counts, prepare_study
+from tests.nas.conftest import assets, settings  # noqa: F401  (fixtures: tiny space, data, baseline)
+
+pytestmark = pytest.mark.slow
+
+TRIALS = 3
+EPOCHS = 10  # long enough (a few seconds a trial) that both workers are seen inside trials at once
+EXIT_WITHIN_S = 10.0  # bound on a worker's exit after its coordinator's death (the kernel's signal is immediate)
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent PID) of a process from /proc/PID/stat, or None when there is no such process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # after "PID (comm) ": state, ppid, ...
+    return fields[0], int(fields[1])
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no process, or a zombie that only waits for its new parent to reap it."""
+    stat = _stat(pid)
+    return stat is None or stat[0] in "ZX"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker parents from /proc (Linux)")
+def test_coordinator_killed_leaves_no_orphans_and_resume_recovers_their_trials(settings, tmp_path, capsys,  # noqa: F811
+                                                                               reliability_report):
+    results = tmp_path / "results"
+    settings, _ = prepare_study(replace(settings, results=str(results), trials=TRIALS,
+                                        proxy=dict(settings.proxy, epochs=EPOCHS)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    coordinator = subprocess.Popen([sys.executable, "-m", "nas.cli", "search", "--study", settings.name,
+                                    "--results", str(results), "--workers", "2", "--quiet"],
+                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   start_new_session=True)
+    storage = nas.study.storage_for(settings)
+    held: dict[int, int] = {}  # trial number -> worker PID
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and coordinator.poll() is None:
+            running = [t for t in optuna.load_study(study_name=settings.name, storage=storage).trials
+                       if t.state == TrialState.RUNNING and isinstance(t.user_attrs.get("pid"), int)]
+            held = {t.number: t.user_attrs["pid"] for t in running}
+            if len(set(held.values())) == 2 and all((_stat(pid) or ("", 0))[1] == coordinator.pid
+                                                    for pid in held.values()):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"the two workers were never seen inside trials at once (coordinator rc {coordinator.poll()}):"
+                        f"\n{coordinator.stderr.read().decode()[-3000:] if coordinator.poll() is not None else ''}")
+        coordinator.kill()  # SIGKILL, the coordinator only
+    finally:
+        coordinator.wait()
+    assert coordinator.returncode == -9
+    killed_at = time.time()
+    workers = sorted(set(held.values()))
+    while time.time() < killed_at + EXIT_WITHIN_S and not all(_gone(pid) for pid in workers):
+        time.sleep(0.05)
+    orphans = [pid for pid in workers if not _gone(pid)]
+    exit_s = time.time() - killed_at
+    for pid in orphans:  # do not leave them running after a failure
+        os.kill(pid, 9)
+
+    assert main(["search", "--study", settings.name, "--results", str(results), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    study = optuna.load_study(study_name=settings.name, storage=storage)
+    stale = [n for n in held if study.trials[n].state == TrialState.FAIL
+             and study.trials[n].user_attrs.get("fail_reason", "").startswith("stale")]
+    requeued = [n for n in held if any(t.user_attrs.get("requeued_from") == n for t in study.trials)]
+    left_running = sum(t.state == TrialState.RUNNING for t in study.trials)
+    reliability_report("orphans", f"coordinator SIGKILLed with 2 workers in trials: {len(workers) - len(orphans)}/"
+                                  f"{len(workers)} workers exited (within {exit_s:.1f} s), {len(stale)}/{len(held)} "
+                                  f"trials failed as stale, {len(requeued)} re-enqueued, {left_running} left RUNNING")
+    assert orphans == [], f"workers {orphans} outlived their coordinator by {EXIT_WITHIN_S} s"
+    assert sorted(stale) == sorted(held) and sorted(requeued) == sorted(held)
+    for number in held:
+        assert study.trials[number].user_attrs["fail_reason"] == "stale: worker died"
+        assert f"trial {number:>4} FAILED   stale: its worker is gone; its Arch is enqueued again" in out
+    assert sum(counts(t) for t in study.trials) == TRIALS and left_running == 0
