@@ -1214,6 +1214,12 @@ def summary_line(study: optuna.Study) -> str:
 
 
 
+def _reason_template(reason: str) -> str:
+    """A failure reason with its figures written as '#': `repnas show` counts failures that differ only in them
+    (the batch where a loss became NaN, the bytes CUDA tried to allocate, a dead worker's PID) as one reason."""
+    return re.sub(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?", "#", reason)
+
+
 def show_study(name: str, *, storage: str | None = None, results: str = "results") -> str:
     """One screen about a study: settings, trials by state (failures by reason), the front, time left."""
     from collections import Counter
@@ -1241,10 +1247,18 @@ def show_study(name: str, *, storage: str | None = None, results: str = "results
                        if t.state == TrialState.PRUNED and not counts(t))
     if rejected:
         lines.append("  rejected before training: " + ", ".join(f"{n} {r}" for r, n in rejected.most_common()))
-    failures = Counter(str(t.user_attrs.get("fail_reason", "unknown"))[:80] for t in trials
-                       if t.state == TrialState.FAIL)
-    if failures:
-        lines.append("  failed: " + "; ".join(f"{n} x {r}" for r, n in failures.most_common()))
+    groups: dict[str, set[str]] = {}  # template -> the distinct reasons it stands for
+    failures: Counter = Counter()
+    for t in trials:
+        if t.state == TrialState.FAIL:
+            reason = str(t.user_attrs.get("fail_reason", "unknown"))
+            failures[_reason_template(reason)] += 1
+            groups.setdefault(_reason_template(reason), set()).add(reason)
+    if failures:  # a group shows its one message, or its template when its messages differ in their figures,
+        # up to its first "; " (this line's separator; the advice after it is in the trial's traceback.txt)
+        shown = {key: (next(iter(group)) if len(group) == 1 else key).split("; ")[0][:80]
+                 for key, group in groups.items()}
+        lines.append("  failed: " + "; ".join(f"{n} x {shown[key]}" for key, n in failures.most_common()))
     records = trial_records(study, settings)
     table = pareto_table(records)
     front = table[table["pareto"]] if len(table) else table
