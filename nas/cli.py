@@ -90,9 +90,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     """Build a model YAML and print YOLOv5's per-layer table with params and GFLOPs (as built and deployed)."""
     from space.builder import build_model
     from space.cost import model_cost
+    from space.errors import ModelConfigError
 
     model = build_model(args.model, nc=args.nc, device="meta")
-    cost = model_cost(model, args.imgsz)
+    try:
+        cost = model_cost(model, args.imgsz)
+    except ModelConfigError as err:  # builds at the probe size, but not at --imgsz
+        raise ModelConfigError(f"{args.model}: --imgsz {args.imgsz}: {err}") from None
     print(f"{'':>3}{'from':>18}{'n':>4}{'params':>11}  {'module':<14}arguments")
     for info in model.layer_info:
         src = list(info.from_) if isinstance(info.from_, tuple) else info.from_
@@ -146,6 +150,12 @@ def _data_path(data: str | None) -> Path:
     return path
 
 
+def _safe_stem(path: str) -> str:
+    """A file's stem as one plain folder name (never '', '.' or '..'): default output folders are named after it."""
+    stem = Path(path).stem.strip(". ")
+    return stem or "model"
+
+
 def _fresh_dir(base: Path) -> Path:
     out, k = base, 2
     while out.exists():
@@ -158,7 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train a model YAML on a dataset (proxy settings), evaluate it, and write weights and metrics."""
     import json
 
-    from nas.data import load_data_config
+    from nas.data import check_dataset, load_data_config
     from nas.files import state_dict_bytes, write_bytes_atomic, write_text_atomic
     from nas.train import ProxyConfig, epochs_csv, fit
     from space.builder import build_model
@@ -167,6 +177,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _setup_logging(args.quiet)
     data = load_data_config(_data_path(args.data))
+    check_dataset(data)  # a dataset with nothing usable fails here, before the output folder is made
     changes = {k: v for k, v in (("epochs", args.epochs), ("imgsz", args.imgsz), ("batch", args.batch),
                                    ("device", args.device), ("workers", args.workers)) if v is not None}
     try:
@@ -175,7 +186,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     model = build_model(args.model, nc=data.nc)
     cost = model_cost(model, cfg.imgsz)
-    out = Path(args.out) if args.out else _fresh_dir(Path("results") / "train" / Path(args.model).stem)
+    out = Path(args.out) if args.out else _fresh_dir(Path("results") / "train" / _safe_stem(args.model))
     out.mkdir(parents=True, exist_ok=True)
     result = fit(model, data, cfg)
     write_bytes_atomic(out / "weights.pt", state_dict_bytes(model))
@@ -312,6 +323,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if args.devices and not torch.cuda.is_available():
         raise UsageError(f"--devices {','.join(args.devices)}: no CUDA device is available here; drop --devices")
+    if args.data:  # a dataset with nothing usable fails here, before the study is created
+        from nas.data import check_dataset, load_data_config
+
+        check_dataset(load_data_config(args.data))
     study = run_search(settings, report=lambda line: print(line, flush=True), workers=args.workers,
                        devices=args.devices or (), force=args.force, enqueue=args.enqueue or ())
     print(summary_line(study))
@@ -335,7 +350,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from nas.data import load_data_config
     from nas.files import write_text_atomic
     from nas.prune import prune_job
-    from nas.source import load_source
+    from nas.source import load_source, recorded_data
     from pruning.channel import parse_target
     from pruning.portable import save_pruned
     from space.cost import count_gflops
@@ -344,9 +359,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     source = load_source(args.source, args.weights, results=args.results, storage=args.storage)
     parse_target(args.target_flops, count_gflops(source.model, args.imgsz))  # a bad target fails before any work
     needs_data = args.finetune_epochs > 0 or args.importance == "taylor"
-    data_path = args.data or source.data
-    if data_path is None and (needs_data or not args.no_eval):
-        data_path = str(_data_path(None))
+    data_path = args.data
+    if data_path is None and (needs_data or not args.no_eval):  # the data the model was trained on, else the demo's
+        data_path = recorded_data(source.data, args.source) or str(_data_path(None))
     data = load_data_config(data_path) if data_path and (needs_data or not args.no_eval) else None
     if data is not None and data.nc != source.nc:
         raise UsageError(f"--data {data.source}: {data.nc} classes, but {args.source} detects {source.nc}; give the "
@@ -356,7 +371,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                        importance=args.importance, round_to=args.round_to, finetune_epochs=args.finetune_epochs,
                        device=args.device, evaluate_before=not args.no_eval)
     label = args.source.replace(":", "-").replace("/", "_").strip("._-") or "model"
-    out = Path(args.out) if args.out else _fresh_dir(Path(args.results) / "prune" / Path(label).stem)
+    out = Path(args.out) if args.out else _fresh_dir(Path(args.results) / "prune" / _safe_stem(label))
     info = {"source": source.description, "data": str(data.source) if data else None, "train_imgsz": eval_imgsz,
             "target": str(args.target_flops), "imgsz": args.imgsz}
     save_pruned(report.model, out, report.result.plan, info=info)

@@ -5,7 +5,12 @@ of image paths), `names` (a list or a {index: name} dict) and optional `nc`; lab
 in `labels/...txt` beside `images/...`. Every image and label file is checked once (decodes, EXIF orientation,
 size, finite in-range labels) and the result is cached as JSON in a user cache folder keyed on file sizes and
 mtimes, never beside the data (which may be read-only). Bad files are skipped with a warning naming the file and
-the reason.
+the reason (once per process for the same files).
+
+An image without a label file (or with an empty one) is a background image, as in YOLOv5: it is kept, trains as
+"nothing here", and is counted in the split's summary line ("N backgrounds"). A label file without an image is
+warned about and ignored. `check_dataset` refuses a dataset with nothing usable: a split with no readable image,
+or with no labelled box at all (every image a background usually means the labels are misplaced).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".m
 MIN_IMAGE_PX = 10
 BOX_OVERSHOOT = 0.01  # normalised coordinates up to 1% outside the image are clipped; more is an error
 CACHE_VERSION = 1
+_WARNED: set[tuple[str, str]] = set()  # (content key, split) whose skipped files were already warned about
 PAD_VALUE = 114  # YOLOv5's letterbox grey
 
 
@@ -334,20 +340,42 @@ def index_split(images: Sequence[Path], nc: int, split: str, where: str, *, work
                                    np.array(record["labels"], np.float32).reshape(-1, 5)))
         for k, v in note.items():
             notes[k] = notes.get(k, 0) + v
-    for file, reason in skipped:
+    first_time = (key, split) not in _WARNED
+    _WARNED.add((key, split))
+    for file, reason in skipped if first_time else ():
         LOG.warning("%s: skipped: %s", file, reason)
     orphans = _orphan_labels(images, label_dirs)
-    if orphans:
-        LOG.warning("%s split: %d label files have no image (e.g. %s)", split, len(orphans), orphans[0])
+    if orphans and first_time:
+        LOG.warning("%s split: %d label files have no image (e.g. %s); they are ignored", split, len(orphans),
+                    orphans[0])
     index = SplitIndex(tuple(records), tuple(skipped), notes)
     if not records:
         raise DataError(f"{where}: the {split} split has no usable image ({len(skipped)} skipped, first: "
                         f"{skipped[0][0] if skipped else '-'}: {skipped[0][1] if skipped else '-'}); fix the files")
-    for note, count in sorted(notes.items()):
+    for note, count in sorted(notes.items()) if first_time else ():
         if "converted" in note:
             LOG.warning("%s split: %d %s", split, count, note.replace("images", "image(s)"))
     LOG.info(index.summary(split))
     return index
+
+
+def check_dataset(cfg: DataConfig) -> dict[str, SplitIndex]:
+    """Index both splits of `cfg` (cached) and refuse a dataset with nothing usable, before any work starts.
+
+    Per-file problems are warnings (the file skipped); a split with no usable image, or with images but not one
+    labelled box, raises DataError naming the data.yaml, the split and the fix.
+    """
+    indexes = {}
+    for split, images in (("train", cfg.train), ("val", cfg.val)):
+        index = index_split(images, cfg.nc, split, str(cfg.source))
+        if index.boxes == 0:
+            raise DataError(
+                f"{cfg.source}: the {split} split has {len(index.records)} images but not one labelled box (each is a "
+                f"background: no label file, or an empty one); put the labels in labels/ beside images/ or fix "
+                f"`{split}`"
+            )
+        indexes[split] = index
+    return indexes
 
 
 def _orphan_labels(images: Iterable[Path], label_dirs: Iterable[Path]) -> list[Path]:

@@ -12,7 +12,7 @@ import json
 import re
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from torch import nn
@@ -86,6 +86,40 @@ def _trial_metrics(folder: Path) -> dict:
         return {}
 
 
+def _recorded_files(files: object, number: int, source: str) -> dict[str, dict]:
+    """A trial's recorded `files` attr, checked: each name a plain relative path inside the trial folder, each
+    entry {"path": "N/name", "sha256": hex}. A study edited to point them elsewhere is refused, nothing read."""
+    if not isinstance(files, dict):
+        raise SourceError(f"{source}: the trial's recorded files are {type(files).__name__}, not a mapping; the study "
+                          "was edited or damaged, pick another trial")
+    for name, entry in files.items():
+        parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+        if (not parts or "\\" in name or "\0" in name or PurePosixPath(name).is_absolute()
+                or any(p in ("..", ".") for p in parts)):
+            raise SourceError(f"{source}: recorded file {name!r} is not a name inside the trial folder; the study was "
+                              "edited or damaged, pick another trial")
+        if (not isinstance(entry, dict) or entry.get("path") != f"{number}/{name}"
+                or not isinstance(entry.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
+            raise SourceError(f"{source}: recorded file {name!r}: {entry!r:.80} is not {{path: '{number}/{name}', "
+                              "sha256: hex}; the study was edited or damaged, pick another trial")
+    return files
+
+
+def recorded_data(value: object, where: str) -> str | None:
+    """A dataset path recorded in a file (a study's settings, metrics.json, channels.json), or None.
+
+    It names the data the model was trained on, so it lies outside the results folder by design; it is used only
+    when it names an existing .yaml/.yml file (a data.yaml), so a tampered record cannot make repnas read any other
+    file. Otherwise a SourceError asks for --data.
+    """
+    if value is None:
+        return None
+    path = Path(value) if isinstance(value, str) and value and "\0" not in value else None
+    if path is None or path.suffix.lower() not in (".yaml", ".yml") or not path.is_file():
+        raise SourceError(f"{where}: recorded data {value!r:.120} is not an existing data.yaml; give --data DATA.yaml")
+    return str(path)
+
+
 def _check_files(folder: Path, expected: dict) -> None:
     """Each file's sha256 against the one the study recorded."""
     for name, entry in expected.items():
@@ -149,7 +183,7 @@ def load_source(source: str, weights: str | None = None, *, results: str = "resu
                               f"(`repnas show {match['study']}` lists the front)")
         settings = stored_settings(study, match["study"], storage, results)
         folder = trial_folder(settings, number)
-        files = trial.user_attrs.get("files") or {}
+        files = _recorded_files(trial.user_attrs.get("files") or {}, number, source)
         if trial.user_attrs.get("prune_fraction"):  # the ranked network is the pruned one
             _check_files(folder, {k: v for k, v in files.items() if k.startswith("pruned/")})
             folder = folder / "pruned"

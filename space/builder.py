@@ -32,6 +32,7 @@ MAX_ROWS = 512
 MAX_NUMBER = 256  # repeats of one row, after depth_multiple
 MAX_CHANNELS = 16384
 MAX_MULTIPLE = 16.0
+MAX_NC = 100_000  # classes: far above any detection dataset (LVIS has 1,203)
 MAX_PARAMS = 1_000_000_000  # 4 GB of float32 weights
 PROBE_SIZE = 256  # YOLOv5 finds the strides with a 256x256 forward pass
 
@@ -275,7 +276,12 @@ def _from_indices(src: Any, i: int, at: str) -> int | list[int]:
             continue
         if i == 0:
             raise ModelConfigError(f"{at}: field 'from': {j} but layer 0 can only read the input; use -1")
-        if j >= i:
+        if j == i:
+            raise ModelConfigError(
+                f"{at}: field 'from': {j} is this layer itself (a cycle); a layer reads only earlier layers "
+                f"0..{i - 1} or -1..-{i}"
+            )
+        if j > i:
             raise ModelConfigError(
                 f"{at}: field 'from': {j} points forward (to layer {j} or later); a layer reads only earlier "
                 f"layers 0..{i - 1} or -1..-{i}"
@@ -328,8 +334,9 @@ def _plan_layers(d: dict, where: str, ch: int, deploy: bool) -> tuple[list[_Plan
     if "nc" not in d:
         raise ModelConfigError(f"{where}: field 'nc' is missing; add the number of classes (e.g. nc: 80)")
     nc = d["nc"]
-    if isinstance(nc, bool) or not isinstance(nc, int) or nc <= 0:
-        raise ModelConfigError(f"{where}: field 'nc': {nc!r} must be a positive integer (number of classes)")
+    if isinstance(nc, bool) or not isinstance(nc, int) or not 0 < nc <= MAX_NC:
+        raise ModelConfigError(f"{where}: field 'nc': {nc!r} must be a positive integer up to {MAX_NC:,} (number of "
+                               "classes)")
     gd = _positive(d, "depth_multiple", where, 1.0)
     gw = _positive(d, "width_multiple", where, 1.0)
     if "anchors" not in d:
@@ -506,8 +513,9 @@ def build_model(cfg: str | Path | dict, nc: int | None = None, ch: int = 3, *, d
     """
     d, where = _load_cfg(cfg)
     if nc is not None:
-        if isinstance(nc, bool) or not isinstance(nc, int) or nc <= 0:
-            raise ModelConfigError(f"{where}: nc override {nc!r} must be a positive integer (number of classes)")
+        if isinstance(nc, bool) or not isinstance(nc, int) or not 0 < nc <= MAX_NC:
+            raise ModelConfigError(f"{where}: nc override {nc!r} must be a positive integer up to {MAX_NC:,} "
+                                   "(number of classes)")
         d["nc"] = nc
     if isinstance(ch, bool) or not isinstance(ch, int) or not 1 <= ch <= 64:
         raise ModelConfigError(f"{where}: input channels ch={ch!r} must be an integer in 1..64")
@@ -535,6 +543,7 @@ def build_model(cfg: str | Path | dict, nc: int | None = None, ch: int = 3, *, d
     else:
         layers = [_construct(p) for p in plans]
     model = _assemble(plans, layers, save, d)
+    model.max_stride = round(max(strides))  # input sizes must be multiples of it (also on the meta device)
     detect = model.detect
     with torch.no_grad():
         detect.stride.copy_(torch.tensor(strides, dtype=torch.float32))

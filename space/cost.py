@@ -57,9 +57,23 @@ def count_gflops(model: nn.Module, imgsz: ImgSize = 640, ch: int | None = None) 
         from thop import profile  # heavy import, only where counted
         from thop.vision.basic_hooks import count_normalization
 
-        macs, _ = profile(meta, inputs=(torch.zeros(1, ch, h, w, device="meta"),), verbose=False,
-                          custom_ops={_ShapeOnlyBatchNorm: count_normalization})
+        try:
+            macs, _ = profile(meta, inputs=(torch.zeros(1, ch, h, w, device="meta"),), verbose=False,
+                              custom_ops={_ShapeOnlyBatchNorm: count_normalization})
+        except (RuntimeError, ValueError, IndexError) as err:  # joined layers disagree at this size
+            raise _size_error(model, (h, w), err) from None
     return 2 * float(macs) / 1e9
+
+
+def _size_error(model: nn.Module, hw: tuple[int, int], err: Exception):
+    """The user error for a model that builds (at the probe size) but cannot run at the input size `hw`."""
+    from space.errors import ModelConfigError
+
+    largest = getattr(model, "max_stride", None)  # set by space.builder.build_model
+    fix = (f"use an input size that is a multiple of its largest stride {largest}" if largest else
+           "use another input size")
+    detail = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+    return ModelConfigError(f"the model does not run at a {hw[0]}x{hw[1]} input ({detail}); {fix}")
 
 
 def is_deploy(model: nn.Module) -> bool:

@@ -107,9 +107,13 @@ class Arch:
         return params | dict(self.extras)
 
     @classmethod
-    def from_params(cls, params: dict[str, Any], space: Space) -> Arch:
-        """The Arch a trial's params describe (the inverse of `sample_arch`); checks every value is in the space."""
-        return _choose(space, _ParamsChooser(params, space.source))
+    def from_params(cls, params: dict[str, Any], space: Space, where: str | None = None) -> Arch:
+        """The Arch a trial's params describe (the inverse of `sample_arch`); checks every value is in the space.
+
+        `where` names the params' origin in error messages (e.g. "baseline b.yaml"); the space's file is named too.
+        """
+        origin = f"{where} (space {space.source})" if where else space.source
+        return _choose(space, _ParamsChooser(params, origin))
 
     def _rows(self, nc: int | str) -> tuple[list, list, dict[int, str]]:
         backbone: list[list] = []
@@ -350,11 +354,38 @@ def parse_space(data: Any, where: str = "<space dict>") -> Space:
     )
 
 
+def smallest_arch(space: Space) -> Arch:
+    """The cheapest Arch of `space`: every stage at its least depth and width without SE, the narrowest and
+    shallowest head (cost grows with each of these, so no Arch of the space is cheaper)."""
+    stages = tuple(Stage(min(st.depth), min(st.width), se=False not in st.se) for st in space.stages)
+    return Arch(stages, min(space.head_width), min(space.head_depth),
+                tuple((dim.name, dim.default) for dim in space.extras))
+
+
+def _check_budgets_reachable(space: Space) -> None:
+    """A budget below the cheapest Arch would reject every sample: say so at load time, not after a study starts."""
+    params, gflops = arch_cost(smallest_arch(space), space.imgsz, space.nc)
+    if space.max_params is not None and params > space.max_params:
+        raise _fail(space.source, "budgets.max_params", space.max_params,
+                    f"is below the smallest Arch of the space ({params:,} deploy params at nc={space.nc}); raise it "
+                    "or add smaller depths/widths")
+    if space.max_gflops is not None and gflops > space.max_gflops:
+        raise _fail(space.source, "budgets.max_gflops", space.max_gflops,
+                    f"is below the smallest Arch of the space ({gflops:.3g} deploy GFLOPs at {space.imgsz}px); raise "
+                    "it or add smaller depths/widths")
+
+
 def load_space(path: str | Path | None = None) -> Space:
-    """Load a space YAML; None or "default" loads the built-in default space."""
+    """Load a space YAML; None or "default" loads the built-in default space.
+
+    Budgets are checked against the space's cheapest Arch here, so a space no Arch of which fits fails at load
+    time rather than after a study has started (`parse_space` alone does not build models)."""
     if path is None or str(path) == DEFAULT_SPACE:
         path = default_space_path()
-    return parse_space(read_yaml(path, SpaceConfigError), str(path))
+    space = parse_space(read_yaml(path, SpaceConfigError), str(path))
+    if space.max_params is not None or space.max_gflops is not None:
+        _check_budgets_reachable(space)
+    return space
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Guarded YAML reading and YOLOv5-style YAML writing.
 
 Reading never evaluates anything (PyYAML's safe loader) and fails fast on hostile input: the file size, the
-size of the document once aliases are expanded, its nesting depth and recursive aliases are all bounded
-before any Python object is built. Writing returns text; the caller decides where it goes.
+size of the document once aliases are expanded, its nesting depth, recursive aliases, over-long numbers and
+duplicate keys are all checked before any Python object is built. Writing returns text; the caller decides where
+it goes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,30 @@ from space.errors import ConfigError
 MAX_FILE_BYTES = 1 << 20  # 1 MiB: model and space YAMLs are a few KiB
 MAX_EXPANDED_NODES = 200_000  # scalars + collections after alias expansion
 MAX_DEPTH = 32
+MAX_NUMBER_CHARS = 100  # digits of one number: far above any setting, far below Python's 4300-digit int limit
+_INT_TAG, _FLOAT_TAG, _MERGE_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:merge"
+
+
+def _line(node: yaml.Node) -> str:
+    return f"line {node.start_mark.line + 1}" if node.start_mark is not None else "an unknown line"
+
+
+def _check_scalar(node: yaml.ScalarNode, where: str, error: type[ConfigError]) -> None:
+    """A number too long to be a setting (Python refuses to read integers past 4300 digits) fails here, named."""
+    if node.tag in (_INT_TAG, _FLOAT_TAG) and len(node.value) > MAX_NUMBER_CHARS:
+        raise error(f"{where}: {_line(node)}: a number of {len(node.value):,} characters ({node.value[:20]}...) is "
+                    f"over the {MAX_NUMBER_CHARS}-character limit; no setting needs it, write a smaller value")
+
+
+def _check_unique_keys(node: yaml.MappingNode, where: str, error: type[ConfigError]) -> None:
+    """YAML says mapping keys are unique; PyYAML would keep the last silently, hiding a typo'd override."""
+    seen: set[tuple[str, str]] = set()
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
+            ident = (key.tag, key.value)
+            if ident in seen:
+                raise error(f"{where}: {_line(key)}: field {key.value!r} is given twice; keep one of them")
+            seen.add(ident)
 
 
 def _expanded_size(root: yaml.Node, where: str, error: type[ConfigError]) -> int:
@@ -33,6 +58,10 @@ def _expanded_size(root: yaml.Node, where: str, error: type[ConfigError]) -> int
             raise error(f"{where}: YAML nested deeper than {MAX_DEPTH} levels; flatten the document")
         if key in sizes and depths[key] >= depth:
             return sizes[key]
+        if key not in sizes and isinstance(node, yaml.ScalarNode):
+            _check_scalar(node, where, error)
+        elif key not in sizes and isinstance(node, yaml.MappingNode):
+            _check_unique_keys(node, where, error)
         in_progress.add(key)
         total = 1
         if isinstance(node, yaml.SequenceNode):
@@ -71,8 +100,13 @@ def parse_yaml_text(text: str, where: str, error: type[ConfigError] = ConfigErro
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise error(f"{where}: not valid YAML{at}: {problem}; fix the syntax") from None
+    except ConfigError:
+        raise
     except RecursionError:
         raise error(f"{where}: YAML nested too deeply; flatten the document") from None
+    except ValueError as err:  # a constructor's refusal (e.g. an impossible date): the file's fault
+        detail = " ".join(str(err).split())[:120]
+        raise error(f"{where}: a value cannot be read ({detail}); fix the value") from None
 
 
 def read_yaml(path: str | Path, error: type[ConfigError] = ConfigError) -> Any:
