@@ -5,7 +5,7 @@
     python benchmarks/proxy_quality.py --models cheap4 --set optimizer=AdamW lr0=0.002 --set lr0=0.01
 
 Each `--set` group is one variant of the default ProxyConfig (key=value pairs, values parsed as JSON; `aug.KEY`
-sets an AugmentConfig field). Prints one row per evaluated epoch, then a summary per run.
+sets an AugmentConfig field, `loss.KEY` a LossHyp gain). Prints one row per evaluated epoch, then a summary per run.
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def _variant(pairs: list[str]) -> dict:
 
 def _config(base: ProxyConfig, changes: dict) -> ProxyConfig:
     aug = {k[4:]: v for k, v in changes.items() if k.startswith("aug.")}
-    rest = {k: v for k, v in changes.items() if not k.startswith("aug.")}
-    return replace(base, augment=replace(base.augment, **aug), **rest) if aug else replace(base, **rest)
+    loss = {k[5:]: v for k, v in changes.items() if k.startswith("loss.")}
+    rest = {k: v for k, v in changes.items() if not k.startswith(("aug.", "loss."))}
+    return replace(base, augment=replace(base.augment, **aug), loss=replace(base.loss, **loss), **rest)
 
 
 def main() -> None:

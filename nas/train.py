@@ -10,7 +10,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +64,15 @@ class ProxyConfig:
     loss: LossHyp = field(default_factory=LossHyp)
 
     def __post_init__(self):
+        # nested settings may arrive as plain dicts (a stored study's JSON, to_dict()'s output): round-trip them
+        for name in ("augment", "loss"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                try:
+                    default = self.__dataclass_fields__[name].default_factory()
+                    object.__setattr__(self, name, replace(default, **value))
+                except TypeError as err:
+                    raise ValueError(f"ProxyConfig: {name}={value}: {err}") from None
         checks = [
             (self.epochs >= 1, f"epochs={self.epochs} must be >= 1"),
             (self.imgsz >= 32 and self.imgsz % 32 == 0, f"imgsz={self.imgsz} must be a multiple of 32"),

@@ -91,6 +91,16 @@ def test_proxy_config_validation_and_finetune_preset():
     assert ft.epochs == 3 and ft.warmup_epochs == 0 and ft.warmup_bias_lr == 0 and ft.lr0 < ProxyConfig().lr0
 
 
+def test_proxy_config_takes_nested_settings_as_dicts():
+    """A study stores its proxy as JSON: loss gains and augmentation come back as dicts and must round-trip."""
+    cfg = ProxyConfig(loss={"obj": 6.25}, augment={"fliplr": 0.0})
+    assert cfg.loss.obj == 6.25 and cfg.loss.box == ProxyConfig().loss.box
+    assert cfg.augment.fliplr == 0.0 and cfg.augment.scale == ProxyConfig().augment.scale
+    assert ProxyConfig(**cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="loss=.*bogus"):
+        ProxyConfig(loss={"bogus": 1})
+
+
 def test_resolve_device():
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(RepnasError, match=r"is not a device|is not supported"):
