@@ -311,7 +311,21 @@ def _write_cache(path: Path, data: dict) -> None:
 
 def index_split(images: Sequence[Path], nc: int, split: str, where: str, *, workers: int = 8,
                 use_cache: bool = True) -> SplitIndex:
-    """Check every image and label file of a split (or load the cached result) and log what was skipped."""
+    """Check every image and label file of a split (or load the cached result) and log what was skipped.
+
+    A split with no usable image raises DataError after its skipped files are logged (`check_dataset` raises
+    before logging anything, for a one-line refusal).
+    """
+    index, key, orphans = _index(images, nc, split, where, workers, use_cache)
+    _report(index, key, split, orphans, summary=False)
+    _require_usable(index, split, where)
+    LOG.info(index.summary(split))
+    return index
+
+
+def _index(images: Sequence[Path], nc: int, split: str, where: str, workers: int,
+           use_cache: bool) -> tuple[SplitIndex, str, list[Path]]:
+    """The checked split, its content key and its orphan label files; raises when no image is usable."""
     if not images:
         raise DataError(f"{where}: the {split} split lists no images; check `{split}` and the folder's contents")
     label_dirs = {label_path(p).parent for p in images}
@@ -340,42 +354,55 @@ def index_split(images: Sequence[Path], nc: int, split: str, where: str, *, work
                                    np.array(record["labels"], np.float32).reshape(-1, 5)))
         for k, v in note.items():
             notes[k] = notes.get(k, 0) + v
-    first_time = (key, split) not in _WARNED
-    _WARNED.add((key, split))
-    for file, reason in skipped if first_time else ():
-        LOG.warning("%s: skipped: %s", file, reason)
-    orphans = _orphan_labels(images, label_dirs)
-    if orphans and first_time:
-        LOG.warning("%s split: %d label files have no image (e.g. %s); they are ignored", split, len(orphans),
-                    orphans[0])
-    index = SplitIndex(tuple(records), tuple(skipped), notes)
-    if not records:
+    return SplitIndex(tuple(records), tuple(skipped), notes), key, _orphan_labels(images, label_dirs)
+
+
+def _require_usable(index: SplitIndex, split: str, where: str) -> None:
+    if not index.records:
+        skipped = index.skipped
         raise DataError(f"{where}: the {split} split has no usable image ({len(skipped)} skipped, first: "
                         f"{skipped[0][0] if skipped else '-'}: {skipped[0][1] if skipped else '-'}); fix the files")
-    for note, count in sorted(notes.items()) if first_time else ():
-        if "converted" in note:
-            LOG.warning("%s split: %d %s", split, count, note.replace("images", "image(s)"))
-    LOG.info(index.summary(split))
-    return index
+
+
+def _report(index: SplitIndex, key: str, split: str, orphans: Sequence[Path], summary: bool = True) -> None:
+    """Log a split's skipped files, orphan labels and conversions (once per process for the same content), and
+    its summary line."""
+    first_time = (key, split) not in _WARNED
+    _WARNED.add((key, split))
+    if first_time:
+        for file, reason in index.skipped:
+            LOG.warning("%s: skipped: %s", file, reason)
+        if orphans:
+            LOG.warning("%s split: %d label files have no image (e.g. %s); they are ignored", split, len(orphans),
+                        orphans[0])
+        for note, count in sorted(index.notes.items()):
+            if "converted" in note:
+                LOG.warning("%s split: %d %s", split, count, note.replace("images", "image(s)"))
+    if summary:
+        LOG.info(index.summary(split))
 
 
 def check_dataset(cfg: DataConfig) -> dict[str, SplitIndex]:
     """Index both splits of `cfg` (cached) and refuse a dataset with nothing usable, before any work starts.
 
     Per-file problems are warnings (the file skipped); a split with no usable image, or with images but not one
-    labelled box, raises DataError naming the data.yaml, the split and the fix.
+    labelled box, raises DataError naming the data.yaml, the split and the fix. Nothing is logged before both
+    splits pass, so a refused dataset prints its one error line only.
     """
-    indexes = {}
+    checked = {}
     for split, images in (("train", cfg.train), ("val", cfg.val)):
-        index = index_split(images, cfg.nc, split, str(cfg.source))
+        index, key, orphans = _index(images, cfg.nc, split, str(cfg.source), 8, True)
+        _require_usable(index, split, str(cfg.source))
         if index.boxes == 0:
             raise DataError(
                 f"{cfg.source}: the {split} split has {len(index.records)} images but not one labelled box (each is a "
                 f"background: no label file, or an empty one); put the labels in labels/ beside images/ or fix "
                 f"`{split}`"
             )
-        indexes[split] = index
-    return indexes
+        checked[split] = (index, key, orphans)
+    for split, (index, key, orphans) in checked.items():
+        _report(index, key, split, orphans)
+    return {split: index for split, (index, _, _) in checked.items()}
 
 
 def _orphan_labels(images: Iterable[Path], label_dirs: Iterable[Path]) -> list[Path]:
