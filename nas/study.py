@@ -360,14 +360,22 @@ def create_or_load_study(settings: StudySettings, *, enqueue: Sequence[str] = ()
             lat = min((measure_latency(fused, settings.imgsz or space.imgsz, settings.batch, device,
                                        latency_config(settings, device)) for _ in range(BASELINE_REPEATS)),
                       key=lambda m: m.median_ms)
-        study.set_user_attr("baseline_latency_ms", lat.median_ms)
-        study.set_user_attr("baseline_latency", lat.to_dict())
-        study.set_user_attr("baseline_params", baseline.to_params())
-        study.set_user_attr("environment", environment())
-        study.enqueue_trial(baseline.to_params(), user_attrs={"baseline": True})
-        study.set_user_attr(SETTINGS_ATTR, settings_json(settings))  # last: a study without it is not yet created
-        LOG.info("created study %s: baseline latency %.3f ms on %s", settings.name, lat.median_ms,
-                 lat.device["name"])
+        if SETTINGS_ATTR in study.user_attrs:  # another host created it while this one measured (read afresh)
+            if study.user_attrs[SETTINGS_ATTR] != settings_json(settings):
+                raise StudyError(f"study {settings.name!r} was created by another process while this one measured "
+                                 "its baseline, with other settings; run the same command again to join it with "
+                                 "the stored settings (or use another --study name)")
+            LOG.info("study %s was created by another process meanwhile: joining it, its baseline latency %.3f ms "
+                     "is kept", settings.name, study.user_attrs["baseline_latency_ms"])
+        else:
+            study.set_user_attr("baseline_latency_ms", lat.median_ms)
+            study.set_user_attr("baseline_latency", lat.to_dict())
+            study.set_user_attr("baseline_params", baseline.to_params())
+            study.set_user_attr("environment", environment())
+            study.enqueue_trial(baseline.to_params(), user_attrs={"baseline": True}, skip_if_exists=True)
+            study.set_user_attr(SETTINGS_ATTR, settings_json(settings))  # last: without it, not yet created
+            LOG.info("created study %s: baseline latency %.3f ms on %s", settings.name, lat.median_ms,
+                     lat.device["name"])
     for params in extra:
         study.enqueue_trial(params, user_attrs={"enqueued": True}, skip_if_exists=True)
     return study

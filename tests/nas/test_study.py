@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -164,3 +165,37 @@ def test_cli_search_then_export_and_bad_names(settings, assets, tmp_path, capsys
     assert main(["export", "missing"]) == 2
     err = capsys.readouterr().err
     assert "study name '../escape' is not allowed" in err and "no study 'missing'" in err
+
+
+def _create_concurrently(settings, other_settings, monkeypatch) -> optuna.Study:
+    """Create `settings`' study while, during its baseline measurement, another process creates it first."""
+    real = nas.study.measure_latency
+    fired = []
+
+    def measure(*args, **kwargs):
+        if not fired:  # the other host finishes creating the study while this one measures
+            fired.append(True)
+            theirs = nas.study.merge_settings(other_settings, None)
+            other = optuna.create_study(storage=nas.study.storage_for(theirs), study_name=theirs.name,
+                                        load_if_exists=True, directions=["maximize", "minimize"])
+            other.set_user_attr("baseline_latency_ms", 123.0)
+            other.set_user_attr("baseline_params", BASELINE)
+            other.enqueue_trial(BASELINE, user_attrs={"baseline": True})
+            other.set_user_attr(nas.study.SETTINGS_ATTR, nas.study.settings_json(theirs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nas.study, "measure_latency", measure)
+    return nas.study.create_or_load_study(nas.study.merge_settings(settings, None))
+
+
+def test_a_study_created_meanwhile_by_another_host_is_joined_not_doubled(settings, monkeypatch):
+    study = _create_concurrently(settings, settings, monkeypatch)
+    assert study.user_attrs["baseline_latency_ms"] == 123.0  # the first creator's frozen figure is kept
+    assert [t.user_attrs.get("baseline") for t in study.trials] == [True]  # one baseline trial, not two
+
+
+def test_a_study_created_meanwhile_with_other_settings_is_refused(settings, monkeypatch):
+    with pytest.raises(StudyError, match=r"created by another process .* with other settings"):
+        _create_concurrently(settings, replace(settings, seed=7), monkeypatch)
+    study = optuna.load_study(study_name="tiny", storage=nas.study.storage_for(settings))
+    assert json.loads(study.user_attrs[nas.study.SETTINGS_ATTR])["seed"] == 7 and len(study.trials) == 1
