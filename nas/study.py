@@ -669,13 +669,25 @@ def _busy(t: FrozenTrial) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs on this machine.
+
+    A zombie does not: it has exited and only waits for its parent to reap it, which may take a while (or never
+    happen: a container's PID 1 that does not reap), yet signal 0 still reaches it. On Linux its /proc state says so,
+    and a worker killed with its coordinator is then taken for dead at once, as it is.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass  # another user's process: it exists
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return not Path("/proc/self/stat").is_file()  # Linux: it has just ended; elsewhere there is no /proc
+    except OSError:
         return True
-    return True
+    return stat[stat.rindex(")") + 2:][:1] not in ("Z", "X")  # the state letter after "PID (comm) "
 
 
 def _ask_lock(settings: StudySettings):

@@ -4,10 +4,15 @@
 trials (two RUNNING trials held by two PIDs whose parent is the coordinator), only the coordinator is SIGKILLed. Its
 workers must exit on their own within a bounded time (PR_SET_PDEATHSIG, and the heartbeat's parent check), and
 `repnas search --study NAME` must then fail their trials as stale, enqueue their Archs again and finish the study.
+
+This test process adopts the orphaned workers (PR_SET_CHILD_SUBREAPER) and reaps them only after the resume, so at
+the resume they are zombies, as under a container's PID 1 that does not reap: exited, yet signal 0 still reaches
+them. The resume must take them for dead all the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -26,8 +31,8 @@ from tests.nas.conftest import assets, settings  # noqa: F401  (fixtures: tiny s
 
 pytestmark = pytest.mark.slow
 
-TRIALS = 3
-EPOCHS = 10  # long enough (a few seconds a trial) that both workers are seen inside trials at once
+TRIALS = 4
+EPOCHS = 8  # long enough (seconds a trial) that both workers are seen inside trials at once
 EXIT_WITHIN_S = 10.0  # bound on a worker's exit after its coordinator's death (the kernel's signal is immediate)
 
 
@@ -39,6 +44,16 @@ def _stat(pid: int) -> tuple[str, int] | None:
         return None
     fields = text[text.rindex(")") + 2:].split()  # after "PID (comm) ": state, ppid, ...
     return fields[0], int(fields[1])
+
+
+def _child_subreaper(on: bool) -> bool:
+    """Linux: make this process adopt (or stop adopting) its orphaned descendants; whether that took effect."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(36, int(on), 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
 
 
 def _gone(pid: int) -> bool:
@@ -60,6 +75,7 @@ def test_coordinator_killed_leaves_no_orphans_and_resume_recovers_their_trials(s
                                    start_new_session=True)
     storage = nas.study.storage_for(settings)
     held: dict[int, int] = {}  # trial number -> worker PID
+    adopted = _child_subreaper(True)
     try:
         deadline = time.time() + 180
         while time.time() < deadline and coordinator.poll() is None:
@@ -74,20 +90,30 @@ def test_coordinator_killed_leaves_no_orphans_and_resume_recovers_their_trials(s
             pytest.fail(f"the two workers were never seen inside trials at once (coordinator rc {coordinator.poll()}):"
                         f"\n{coordinator.stderr.read().decode()[-3000:] if coordinator.poll() is not None else ''}")
         coordinator.kill()  # SIGKILL, the coordinator only
-    finally:
         coordinator.wait()
-    assert coordinator.returncode == -9
-    killed_at = time.time()
-    workers = sorted(set(held.values()))
-    while time.time() < killed_at + EXIT_WITHIN_S and not all(_gone(pid) for pid in workers):
-        time.sleep(0.05)
-    orphans = [pid for pid in workers if not _gone(pid)]
-    exit_s = time.time() - killed_at
-    for pid in orphans:  # do not leave them running after a failure
-        os.kill(pid, 9)
+        assert coordinator.returncode == -9
+        killed_at = time.time()
+        workers = sorted(set(held.values()))
+        while time.time() < killed_at + EXIT_WITHIN_S and not all(_gone(pid) for pid in workers):
+            time.sleep(0.05)
+        orphans = [pid for pid in workers if not _gone(pid)]
+        exit_s = time.time() - killed_at
+        for pid in orphans:  # do not leave them running after a failure
+            os.kill(pid, 9)
+        if adopted:  # ours now, and not reaped yet
+            assert all((_stat(pid) or ("", 0))[0] == "Z" for pid in workers)
 
-    assert main(["search", "--study", settings.name, "--results", str(results), "--quiet"]) == 0
-    out = capsys.readouterr().out
+        assert main(["search", "--study", settings.name, "--results", str(results), "--quiet"]) == 0
+        out = capsys.readouterr().out
+    finally:
+        if coordinator.poll() is None:
+            coordinator.kill()
+            coordinator.wait()
+        if adopted:
+            _child_subreaper(False)
+            for pid in held.values():  # reap the adopted workers that exited (never blocks)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
     study = optuna.load_study(study_name=settings.name, storage=storage)
     stale = [n for n in held if study.trials[n].state == TrialState.FAIL
              and study.trials[n].user_attrs.get("fail_reason", "").startswith("stale")]
