@@ -50,6 +50,7 @@ def kill_plan(seed: int = SEED, runs: int = RUNS) -> list[tuple[str, int]]:
     return [(phase, rng.randint(1, ENTRIES[phase])) for phase in phases]
 
 
+IN_TRIAL = {"build", "latency", "training", "evaluation", "fusing", "weights"}  # a trial is RUNNING at the kill
 PLAN = kill_plan()
 DONE: list[dict] = []  # one entry per run that got through its checks' counting
 
@@ -93,6 +94,7 @@ def test_sigkill_then_resume_loses_nothing(phase, occurrence, settings, tmp_path
     before = _load(settings).trials
     finished = {t.number: (t.state, t.values, t.user_attrs.get("files")) for t in before if t.state.is_finished()}
     running = [t.number for t in before if t.state == TrialState.RUNNING]
+    assert len(running) == (phase in IN_TRIAL)
 
     assert main(["search", "--study", settings.name, "--results", str(results), "--quiet"]) == 0
     capsys.readouterr()
