@@ -39,7 +39,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.data import DataConfig, load_data_config
+from nas.data import DataConfig, check_dataset, load_data_config
 from nas.earlystop import EarlyStopConfig, Finished, curve_from_attr, should_stop
 from nas.evaluate import evaluate
 from nas.files import file_lock, host_lock_path, state_dict_bytes, write_bytes_atomic, write_text_atomic
@@ -232,7 +232,7 @@ def load_baseline(path: str | None, space: Space) -> Arch:
         return _arch_from_model_yaml(data, space, path)
     if not isinstance(data, dict):
         raise StudyError(f"baseline {path}: expected a mapping of Arch params (P1_depth: 1, ...) or a model YAML")
-    return Arch.from_params(data, space)
+    return Arch.from_params(data, space, where=f"baseline {path}")
 
 
 def _arch_from_model_yaml(cfg: dict, space: Space, where: str) -> Arch:
@@ -882,13 +882,18 @@ def weights_to_keep(study: optuna.Study, keep: int) -> set[int]:
 def clean_weights(study: optuna.Study, settings: StudySettings, keep: int) -> list[Path]:
     """Delete weight files of finished trials outside `weights_to_keep`; return the removed paths."""
     kept = weights_to_keep(study, keep)
+    root = settings.trials_root.resolve()
     removed = []
     for t in study.get_trials(deepcopy=False):
         if t.number in kept or t.state in (TrialState.RUNNING, TrialState.WAITING):
             continue
+        folder = trial_folder(settings, t.number)
+        if not folder.resolve().is_relative_to(root):  # a symlinked trial folder: never delete outside the study
+            LOG.warning("weights cleaning: %s leads outside %s; left alone", folder, root)
+            continue
         for name in WEIGHT_FILES:
-            path = trial_folder(settings, t.number) / name
-            if path.is_file():
+            path = folder / name
+            if path.is_file() and not path.is_symlink():
                 path.unlink(missing_ok=True)  # another worker may clean at the same moment
                 removed.append(path)
     return removed
@@ -1046,7 +1051,7 @@ def check_settings(settings: StudySettings) -> None:
     """Load and check everything a study's settings name (space, data, baseline, device, proxy, latency, early
     stopping) without writing anything; raises the error a trial would otherwise hit."""
     space = load_space(settings.space)
-    load_data_config(settings.data)
+    check_dataset(load_data_config(settings.data))  # nothing usable: refused here, before a study is written
     load_baseline(settings.baseline, space)
     device = resolve_device(settings.device)
     proxy_config(settings)
@@ -1069,8 +1074,12 @@ def run_search(settings: StudySettings, *, report: Callable[[str], None] | None 
     report = report or (lambda line: None)
     settings, study = prepare_study(settings, force=force, enqueue=enqueue)
     stale = recover_stale_trials(study, settings.stale_after)
-    for number in stale:
-        report(f"trial {number:>4} FAILED   stale: its worker is gone; its Arch is enqueued again")
+    requeued = {t.user_attrs.get("requeued_from") for t in study.get_trials(deepcopy=False, states=(
+        TrialState.WAITING,))} if stale else set()
+    for number in stale:  # requeue() enqueues nothing for a trial killed before its Arch was sampled
+        report(f"trial {number:>4} FAILED   stale: its worker is gone; " + (
+            "its Arch is enqueued again" if number in requeued else
+            f"its Arch is not enqueued again (none sampled yet, or tried {MAX_REQUEUES + 1} times)"))
     first = _run_start(study)
     if workers <= 1 and len(devices) <= 1:
         if devices:

@@ -1,9 +1,10 @@
 """A coordinator killed with SIGKILL leaves no orphaned workers, and a resume recovers the trials they held.
 
-`repnas search --workers 2` runs as a subprocess in its own session. Once both of its worker processes are inside
-trials (two RUNNING trials held by two PIDs whose parent is the coordinator), only the coordinator is SIGKILLed. Its
-workers must exit on their own within a bounded time (PR_SET_PDEATHSIG, and the heartbeat's parent check), and
-`repnas search --study NAME` must then fail their trials as stale, enqueue their Archs again and finish the study.
+`repnas search --workers 2` runs as a subprocess in its own session. Once both of its worker processes are training
+(two RUNNING trials past latency, held by two PIDs whose parent is the coordinator), only the coordinator is
+SIGKILLed. Its workers must exit on their own within a bounded time (PR_SET_PDEATHSIG, and the heartbeat's parent
+check), and `repnas search --study NAME` must then fail their trials as stale, enqueue their Archs again and finish
+the study.
 
 This test process adopts the orphaned workers (PR_SET_CHILD_SUBREAPER) and reaps them only after the resume, so at
 the resume they are zombies, as under a container's PID 1 that does not reap: exited, yet signal 0 still reaches
@@ -79,8 +80,9 @@ def test_coordinator_killed_leaves_no_orphans_and_resume_recovers_their_trials(s
     try:
         deadline = time.time() + 180
         while time.time() < deadline and coordinator.poll() is None:
-            running = [t for t in optuna.load_study(study_name=settings.name, storage=storage).trials
-                       if t.state == TrialState.RUNNING and isinstance(t.user_attrs.get("pid"), int)]
+            running = [t for t in optuna.load_study(study_name=settings.name, storage=storage).trials  # training
+                       if t.state == TrialState.RUNNING and isinstance(t.user_attrs.get("pid"), int)
+                       and "latency_ms" in t.user_attrs]
             held = {t.number: t.user_attrs["pid"] for t in running}
             if len(set(held.values())) == 2 and all((_stat(pid) or ("", 0))[1] == coordinator.pid
                                                     for pid in held.values()):
@@ -102,6 +104,9 @@ def test_coordinator_killed_leaves_no_orphans_and_resume_recovers_their_trials(s
             os.kill(pid, 9)
         if adopted:  # ours now, and not reaped yet
             assert all((_stat(pid) or ("", 0))[0] == "Z" for pid in workers)
+        # A worker killed inside a journal write leaves Optuna's lock file behind: the resume then waits out its
+        # grace period (30 s) before taking it. Counted, not asserted: storage_for chooses that lock.
+        lock_left = "yes" if (results / settings.name / "study.log.lock").is_symlink() else "no"
 
         assert main(["search", "--study", settings.name, "--results", str(results), "--quiet"]) == 0
         out = capsys.readouterr().out
@@ -118,13 +123,18 @@ def test_coordinator_killed_leaves_no_orphans_and_resume_recovers_their_trials(s
     stale = [n for n in held if study.trials[n].state == TrialState.FAIL
              and study.trials[n].user_attrs.get("fail_reason", "").startswith("stale")]
     requeued = [n for n in held if any(t.user_attrs.get("requeued_from") == n for t in study.trials)]
+    # a trial killed before its Arch was sampled has nothing to enqueue again (the sampler draws anew)
+    with_arch = [n for n in held if study.trials[n].user_attrs.get("arch") or study.trials[n].params
+                 or study.trials[n].system_attrs.get("fixed_params")]
     left_running = sum(t.state == TrialState.RUNNING for t in study.trials)
     reliability_report("orphans", f"coordinator SIGKILLed with 2 workers in trials: {len(workers) - len(orphans)}/"
                                   f"{len(workers)} workers exited (within {exit_s:.1f} s), {len(stale)}/{len(held)} "
-                                  f"trials failed as stale, {len(requeued)} re-enqueued, {left_running} left RUNNING")
+                                  f"trials failed as stale, {len(requeued)}/{len(with_arch)} with an Arch re-enqueued, "
+                                  f"{left_running} left RUNNING; journal lock left behind: {lock_left}")
     assert orphans == [], f"workers {orphans} outlived their coordinator by {EXIT_WITHIN_S} s"
-    assert sorted(stale) == sorted(held) and sorted(requeued) == sorted(held)
+    assert sorted(stale) == sorted(held) and sorted(requeued) == sorted(with_arch)
     for number in held:
         assert study.trials[number].user_attrs["fail_reason"] == "stale: worker died"
-        assert f"trial {number:>4} FAILED   stale: its worker is gone; its Arch is enqueued again" in out
+        assert f"trial {number:>4} FAILED   stale: its worker is gone; its Arch is " + (
+            "enqueued again" if number in with_arch else "not enqueued again") in out
     assert sum(counts(t) for t in study.trials) == TRIALS and left_running == 0
