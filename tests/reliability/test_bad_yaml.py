@@ -216,11 +216,12 @@ def test_baseline_model_yaml_outside_the_space_is_refused(rule, cfg, parts, work
     record_rule(rule, reliability_report)
 
 
-@pytest.mark.xfail(strict=True, reason="nas/study.py load_baseline does not yet pass where=f'baseline {path}' to "
-                                       "Arch.from_params, so the message names the space file, not the baseline")
-def test_baseline_params_outside_the_space_name_the_baseline_file(work, assets, capsys):
+def test_baseline_params_outside_the_space_name_the_baseline_file(work, assets, capsys, reliability_report):
     _write(work, dict(BASELINE, P1_width=24))
+    before = tree(work)
     refusal(_search(assets, baseline=BAD), capsys, [f"baseline {work / BAD}", "P1_width=24", "[8, 16]"])
+    _nothing_written(work, before)
+    record_rule("baseline Arch params outside the space", reliability_report)
 
 
 def _space(**changes) -> dict:

@@ -220,3 +220,19 @@ def test_channels_json_names_no_other_path(work):
 
     with pytest.raises(PrunedFileError, match=r"pruned/weights.pt: no such file"):
         load_pruned(work / "pruned")
+
+
+def test_clean_never_follows_a_symlinked_trial_folder_or_weights_file(study_root, work, capsys):
+    res = tampered_copy(study_root, work, lambda attrs: attrs)
+    victims = _outside_victims(work)
+    study = optuna.load_study(study_name=NAME, storage=_storage(res / NAME / "study.log"))
+    for _ in range(2):  # trials 1 and 2: off the front, so clean would remove their weights
+        study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED))
+    trials = res / NAME / "trials"
+    (trials / "1").symlink_to(work / "elsewhere" / "0", target_is_directory=True)  # the folder leads outside
+    (trials / "2").mkdir()
+    (trials / "2" / "weights.pt").symlink_to(work / "weights.pt")  # the file leads outside
+    code, _, err = run_cli(["clean", NAME, "--results", str(res), "--keep-weights", "0"], capsys)
+    assert code == 0, err
+    assert all(path.read_bytes() == b"not to be deleted" for path in victims)
+    assert (trials / "2" / "weights.pt").is_symlink()
