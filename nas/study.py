@@ -229,6 +229,7 @@ def load_baseline(path: str | None, space: Space) -> Arch:
         return seed_arch(space)
     data = read_yaml(path, StudyError)
     if isinstance(data, dict) and "backbone" in data:
+        build_model(path, device="meta")  # a broken model YAML gets the builder's own message (file, row, field)
         return _arch_from_model_yaml(data, space, path)
     if not isinstance(data, dict):
         raise StudyError(f"baseline {path}: expected a mapping of Arch params (P1_depth: 1, ...) or a model YAML")

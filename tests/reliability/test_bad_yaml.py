@@ -200,10 +200,10 @@ def _seed_layout_yaml(part: str | None = None, k: int = 0, row: list | None = No
 
 
 @pytest.mark.parametrize("rule, cfg, parts", [
-    pytest.param("baseline model YAML of another layout", dict(_seed_layout_yaml(), backbone=[[-1, 1, "Conv", [8]]]),
+    pytest.param("baseline model YAML of another layout", tiny_yaml(2),  # builds, but not the space's layout
                  ["not a model YAML of the RepVGG-YOLO layout", "IndexError"], id="other layout"),
     pytest.param("baseline model YAML the space cannot write",
-                 _seed_layout_yaml("head", 2, [[-1, 1], 1, "Concat", [1]]),
+                 _seed_layout_yaml("head", 3, [-1, 1, "C3", [72, False]]),  # builds; no head width gives 72
                  ["the nearest Arch of the space", "writes a different model", "give the baseline as Arch params"],
                  id="not written by the space"),
 ])
@@ -214,6 +214,16 @@ def test_baseline_model_yaml_outside_the_space_is_refused(rule, cfg, parts, work
     refusal(_search(assets, baseline=BAD), capsys, [f"baseline {work / BAD}", *parts])
     _nothing_written(work, before)
     record_rule(rule, reliability_report)
+
+
+def test_a_baseline_model_yaml_that_does_not_build_gets_the_builders_message(work, assets, capsys,
+                                                                             reliability_report):
+    _write(work, _seed_layout_yaml("head", 3, [-1, 0, "C3", [64, False]]))  # zero repeats
+    before = tree(work)
+    refusal(_search(assets, baseline=BAD), capsys, [f"{work / BAD}: head row 3", "C3", "field 'number'",
+                                                    "0 must be a positive integer"])
+    _nothing_written(work, before)
+    record_rule("baseline model YAML that does not build", reliability_report)
 
 
 def test_baseline_params_outside_the_space_name_the_baseline_file(work, assets, capsys, reliability_report):
