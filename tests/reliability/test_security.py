@@ -67,3 +67,27 @@ def test_bad_search_input_writes_no_study(tmp_path, monkeypatch, capsys):
     assert len(err) == 3 and all(line.startswith("repnas search: error: ") for line in err)
     assert "device 'tpu' is not a device" in err[0]
     assert not (tmp_path / "results").exists()
+
+
+def _torch_loads(tree: ast.AST) -> list[tuple[int, bool]]:
+    """(line, weights_only=True given) for every torch.load(...) call."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+            safe = any(kw.arg == "weights_only" and isinstance(kw.value, ast.Constant) and kw.value.value is True
+                       for kw in node.keywords)
+            found.append((node.lineno, safe))
+    return found
+
+
+def test_every_torch_load_in_the_package_is_weights_only():
+    loads, unsafe = 0, []
+    for path in [p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")]:
+        for line, safe in _torch_loads(ast.parse(path.read_text(), str(path))):
+            loads += 1
+            if not safe:
+                unsafe.append(f"{path.relative_to(REPO)}:{line}")
+    assert loads >= 2  # nas/source.py and pruning/portable.py load weights
+    assert unsafe == []
+    tree = ast.parse("torch.load(f)\ntorch.load(f, weights_only=False)\ntorch.load(f, weights_only=True)\n")
+    assert [safe for _, safe in _torch_loads(tree)] == [False, False, True]  # the scan tells them apart
