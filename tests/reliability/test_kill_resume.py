@@ -102,10 +102,13 @@ def test_sigkill_then_resume_loses_nothing(phase, occurrence, settings, tmp_path
     lost = sum(number >= len(after) or (after[number].state, after[number].values, after[number].user_attrs.get(
         "files")) != kept for number, kept in finished.items())
     left_running = sum(t.state == TrialState.RUNNING for t in after)
-    DONE.append({"phase": phase, "lost": lost, "running": left_running})
+    # a kill mid-write leaves its temp file (.NAME.*.tmp) beside the real one, which it never touched: counted
+    temps = len(list(results.rglob(".*.tmp")))
+    DONE.append({"phase": phase, "lost": lost, "running": left_running, "temps": temps})
     reliability_report("kill/resume", f"{len(DONE)}/{len(PLAN)} runs, {len({d['phase'] for d in DONE})} phases hit, "
                                       f"{sum(d['lost'] for d in DONE)} finished trials lost, "
-                                      f"{sum(d['running'] for d in DONE)} left RUNNING")
+                                      f"{sum(d['running'] for d in DONE)} left RUNNING, "
+                                      f"{sum(d['temps'] for d in DONE)} half-written temp files left behind")
     assert lost == 0 and left_running == 0
     assert sum(counts(t) for t in after) == TRIALS
     for number in running:  # the killed process's trial: failed as stale, its Arch tried again
