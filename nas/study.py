@@ -277,7 +277,44 @@ def storage_for(settings: StudySettings, *, create: bool = True) -> optuna.stora
         raise StudyError(f"no study {settings.name!r}: {path} does not exist; start it with "
                          f"`repnas search --study {settings.name}` (or pass --storage URL)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=_JournalFlock(path.with_name(path.name + ".flock"))))
+
+
+class _JournalFlock:
+    """The journal's write lock as an flock on a side file: the kernel releases it when its holder dies.
+
+    Optuna's default (a symlink lock) stays behind when a worker is SIGKILLed while appending, and every other
+    process then waits out its 30 s grace period before breaking it. Each acquire opens its own descriptor, so the
+    threads of one process (a trial and its heartbeat) exclude each other as processes do. One machine's processes
+    (or NFS clients with working flock); several hosts share a study through an RDB URL instead. Duck-typed as
+    optuna's BaseJournalFileLock (acquire/release), which optuna does not export.
+    """
+
+    def __init__(self, path: Path):
+        import threading
+
+        self._path = path
+        self._held = threading.local()
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._held.fd = fd
+        return True
+
+    def release(self) -> None:
+        import fcntl
+
+        fd, self._held.fd = getattr(self._held, "fd", None), None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
 
 def make_sampler(settings: StudySettings, stream: int = 0) -> optuna.samplers.BaseSampler:
@@ -1078,6 +1115,8 @@ def run_search(settings: StudySettings, *, report: Callable[[str], None] | None 
     requeued = {t.user_attrs.get("requeued_from") for t in study.get_trials(deepcopy=False, states=(
         TrialState.WAITING,))} if stale else set()
     for number in stale:  # requeue() enqueues nothing for a trial killed before its Arch was sampled
+        for tmp in trial_folder(settings, number).glob(".*.tmp"):  # what a write cut short by the kill left
+            tmp.unlink(missing_ok=True)
         report(f"trial {number:>4} FAILED   stale: its worker is gone; " + (
             "its Arch is enqueued again" if number in requeued else
             f"its Arch is not enqueued again (none sampled yet, or tried {MAX_REQUEUES + 1} times)"))

@@ -258,3 +258,30 @@ def test_resume_changes_one_proxy_field_and_refuses_short_leases(settings, capsy
     assert "proxy: {" in err and "'epochs': 1" in err and "'epochs': 2" in err
     assert "stale_after=10.0 must be at least 90 s" in err and "no study 'no-such-study'" in err
     assert not (Path("results") / "no-such-study").exists()
+
+
+def test_a_worker_killed_while_holding_the_journal_lock_does_not_hold_it(settings):
+    """The local journal's lock dies with its holder: no leftover lock for the others to wait out (Optuna's own
+    symlink lock stays behind a SIGKILLed writer and makes every other process wait 30 s before breaking it)."""
+    storage = nas.study.storage_for(settings)
+    assert isinstance(storage._backend._lock, nas.study._JournalFlock)  # the study's journal takes this lock
+    optuna.create_study(storage=storage, study_name="locked", directions=["maximize", "minimize"])
+    folder = settings.folder
+    code = ("import os, signal, sys; from pathlib import Path; from nas.study import _JournalFlock; "
+            "lock = _JournalFlock(Path(sys.argv[1])); lock.acquire(); print('held', flush=True); "
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    holder = subprocess.run([sys.executable, "-c", code, str(folder / "study.log.flock")], capture_output=True,
+                            text=True, timeout=60)
+    assert holder.returncode == -signal.SIGKILL and holder.stdout == "held\n"
+    import fcntl
+
+    fd = os.open(folder / "study.log.flock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free at once: raises BlockingIOError while held
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+    assert not (folder / "study.log.lock").exists()  # no symlink lock is used at all
+    study = optuna.load_study(study_name="locked", storage=nas.study.storage_for(settings))
+    study.set_user_attr("after", 1)  # a write goes through
+    assert study.user_attrs["after"] == 1

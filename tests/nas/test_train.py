@@ -97,7 +97,7 @@ def test_proxy_config_takes_nested_settings_as_dicts():
     assert cfg.loss.obj == 6.25 and cfg.loss.box == ProxyConfig().loss.box
     assert cfg.augment.fliplr == 0.0 and cfg.augment.scale == ProxyConfig().augment.scale
     assert ProxyConfig(**cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="loss=.*bogus"):
+    with pytest.raises(ValueError, match=r"loss=.*bogus"):
         ProxyConfig(loss={"bogus": 1})
 
 
