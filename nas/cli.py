@@ -244,7 +244,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     from nas.synth import SynthConfig, make_synthetic
 
     try:
-        cfg = SynthConfig(images=args.images, classes=args.classes, imgsz=args.imgsz, seed=args.seed)
+        cfg = SynthConfig(images=args.images, classes=args.classes, imgsz=args.imgsz, seed=args.seed,
+                          sizes=tuple(args.sizes), max_objects=args.max_objects, clutter=not args.no_clutter)
     except ValueError as err:
         raise UsageError(str(err)) from None
     path = make_synthetic(args.out, cfg)
@@ -496,6 +497,10 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", type=int, default=4, help="number of shape classes, 1..8 (default 4)")
     s.add_argument("--imgsz", type=int, default=160, help="image size (default 160)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--sizes", type=float, nargs=2, default=(0.04, 0.5), metavar=("MIN", "MAX"),
+                   help="object side as a share of the image side, log-uniform in MIN..MAX (default 0.04 0.5)")
+    s.add_argument("--max-objects", type=int, default=5, help="1..N objects per image (default 5)")
+    s.add_argument("--no-clutter", action="store_true", help="a plain background: no blobs, lines or dots")
     s.set_defaults(func=cmd_data_synth)
 
     def search_options(p: argparse.ArgumentParser, with_study: bool) -> None:
@@ -536,8 +541,9 @@ def make_parser() -> argparse.ArgumentParser:
                             "rank the pruned model (a space's `prune_fraction` extra makes it a search dimension)")
         p.add_argument("--prune-finetune-epochs", type=_nonneg_int, metavar="K",
                        help="fine-tuning epochs after pruning in the search (default: proxy epochs / 5)")
-        p.add_argument("--workers", type=_positive_int, default=1,
-                       help="worker processes on this machine against the one storage (default 1)")
+        p.add_argument("--workers", type=_positive_int, default=None,
+                       help="worker processes on this machine against the one storage (default 1; the demo, a new "
+                            "study without --data, on a CPU: one single-threaded worker per core, up to 2)")
         p.add_argument("--devices", type=_devices, metavar="0,1,..",
                        help="CUDA devices: worker i uses device i mod len (sets --workers to at least len)")
         p.add_argument("--enqueue", nargs="+", metavar="A.yaml",

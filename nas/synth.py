@@ -30,6 +30,9 @@ class SynthConfig:
     imgsz: int = 160
     seed: int = 0
     val_fraction: float = 0.2
+    sizes: tuple[float, float] = (0.04, 0.5)  # object side, as a share of the image (log-uniform; at least 6 px)
+    max_objects: int = 5  # 1..max_objects per image
+    clutter: bool = True  # blobs, noise, lines and dots in the background; False: a smooth colour field only
 
     def __post_init__(self):
         if not 10 <= self.images <= 1_000_000:
@@ -42,10 +45,25 @@ class SynthConfig:
             raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 1)")
         if self.seed < 0:
             raise ValueError(f"seed={self.seed} must be >= 0 (--seed)")
+        low, high = self.sizes
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"sizes={self.sizes} must be 0 < min <= max <= 1 (shares of the image side; "
+                             "--sizes MIN MAX)")
+        if not 1 <= self.max_objects <= 20:
+            raise ValueError(f"max_objects={self.max_objects} must be in 1..20 (--max-objects)")
 
     @property
     def key(self) -> str:
-        return f"shapes-n{self.images}-k{self.classes}-s{self.imgsz}-seed{self.seed}-v1"
+        key = f"shapes-n{self.images}-k{self.classes}-s{self.imgsz}-seed{self.seed}"
+        if (self.sizes, self.max_objects, self.clutter) != ((0.04, 0.5), 5, True):
+            key += f"-o{self.sizes[0]:g}-{self.sizes[1]:g}-m{self.max_objects}" + ("" if self.clutter else "-plain")
+        return key + "-v1"
+
+
+# The zero-option search's data (`repnas search` without --data): the same shapes, 2 classes, large objects on a
+# plain background, drawn at the demo's 64 px, so that from-scratch proxies learn them within a 10-minute CPU study.
+# The default set (SynthConfig()) stays the harder one every other command uses.
+DEMO_DATA = SynthConfig(images=800, classes=2, imgsz=64, sizes=(0.2, 0.6), max_objects=3, clutter=False)
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float, aspect: float) -> list[tuple[float, float]]:
@@ -76,10 +94,14 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float, aspect: f
     raise ValueError(shape)
 
 
-def _background(rng: np.random.Generator, size: int) -> Image.Image:
-    """Smooth colour field + soft (strongly blurred) blobs + noise + thin lines and dots: clutter that is no class."""
+def _background(rng: np.random.Generator, size: int, clutter: bool = True) -> Image.Image:
+    """Smooth colour field + soft (strongly blurred) blobs + noise + thin lines and dots: clutter that is no class.
+    Without clutter: the smooth colour field and mild noise only."""
     low = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
     img = Image.fromarray(low).resize((size, size), Image.BICUBIC)
+    if not clutter:
+        noise = rng.normal(0, 4, (size, size, 3))
+        return Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(1, 5)):
         colour = tuple(int(v) for v in rng.integers(0, 256, 3))
@@ -114,12 +136,13 @@ def synth_image(cfg: SynthConfig, index: int) -> tuple[Image.Image, list[tuple[i
     """One image and its labels (class, cx, cy, w, h normalised); deterministic in (seed, index)."""
     rng = np.random.default_rng([cfg.seed, index])
     size = cfg.imgsz
-    img = _background(rng, size)
+    img = _background(rng, size, cfg.clutter)
     draw = ImageDraw.Draw(img)
     boxes: list[tuple] = []
     labels = []
-    min_px, max_px = max(6.0, size * 0.04), size * 0.5
-    for _ in range(int(rng.integers(1, 6))):
+    min_px = min(max(6.0, size * cfg.sizes[0]), size * cfg.sizes[1])
+    max_px = size * cfg.sizes[1]
+    for _ in range(int(rng.integers(1, cfg.max_objects + 1))):
         for _attempt in range(20):
             cls = int(rng.integers(0, cfg.classes))
             extent = math.exp(rng.uniform(math.log(min_px), math.log(max_px)))  # box side, log-uniform

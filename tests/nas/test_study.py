@@ -199,3 +199,29 @@ def test_a_study_created_meanwhile_with_other_settings_is_refused(settings, monk
         _create_concurrently(settings, replace(settings, seed=7), monkeypatch)
     study = optuna.load_study(study_name="tiny", storage=nas.study.storage_for(settings))
     assert json.loads(study.user_attrs[nas.study.SETTINGS_ATTR])["seed"] == 7 and len(study.trials) == 1
+
+
+def test_a_new_study_without_data_is_the_demo(monkeypatch, tmp_path):
+    """No --data on a new study: the demo's settings and the synthetic demo set (generated into the cache)."""
+    from nas.synth import DEMO_DATA, SynthConfig
+
+    monkeypatch.setenv("REPNAS_CACHE_DIR", str(tmp_path / "cache"))
+    small = replace(DEMO_DATA, images=12)  # the demo set's kind, fewer images
+    monkeypatch.setattr("nas.synth.DEMO_DATA", small)
+    monkeypatch.setattr(nas.study, "create_or_load_study", lambda settings, enqueue=(): None)  # settings only
+    settings, _ = nas.study.prepare_study(StudySettings(name="demo", results=str(tmp_path / "res")))
+    assert Path(settings.data).parent.name == small.key and small != SynthConfig()
+    assert settings.trials == nas.study.DEMO["trials"] and settings.proxy == nas.study.DEMO["proxy"]
+    assert settings.proxy["loss"] == {"obj": 6.25} and settings.imgsz == 320
+    given, _ = nas.study.prepare_study(StudySettings(name="demo2", results=str(tmp_path / "res"), trials=3,
+                                                     proxy={"epochs": 2}))
+    assert given.trials == 3 and given.proxy == nas.study.DEMO["proxy"] | {"epochs": 2}  # what is given wins
+
+
+def test_default_workers_are_two_single_threaded_ones_only_for_the_demo_on_a_cpu(settings, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert nas.study.default_workers(settings, demo=True) == 2
+    assert nas.study.default_workers(settings, demo=False) == 1  # a study of the user's own: one worker
+    assert nas.study.default_workers(settings, demo=True, devices=["0"]) == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert nas.study.default_workers(settings, demo=True) == 1

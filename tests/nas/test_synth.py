@@ -153,3 +153,20 @@ def test_default_dataset_is_keyed_on_the_config(cache: Path) -> None:
     other = default_dataset(SynthConfig(images=10, imgsz=32, seed=1))
     assert small != other
     assert small.parent.parent == other.parent.parent == cache / "datasets"
+
+
+def test_sizes_objects_and_clutter_options(tmp_path: Path) -> None:
+    cfg = SynthConfig(images=30, classes=2, imgsz=64, sizes=(0.3, 0.5), max_objects=2, clutter=False)
+    assert cfg.key != SynthConfig(images=30, classes=2, imgsz=64).key and cfg.key.endswith("-plain-v1")
+    data_yaml = make_synthetic(tmp_path / "plain", cfg)
+    labels = all_labels(data_yaml)
+    per_image = [len(np.loadtxt(p, ndmin=2)) for p in (data_yaml.parent / "labels").rglob("*.txt")]
+    assert max(per_image) <= 2 and min(per_image) >= 1
+    # a shape's box side is its drawn extent (0.3..0.5 of the image), less for thin rotations of a triangle
+    assert labels[:, 3:].max() <= 0.5 * 1.34 + 1e-6 and np.median(labels[:, 3:]) >= 0.25
+    assert make_synthetic(tmp_path / "again", cfg).parent.joinpath("labels", "train", "000000.txt").read_bytes() == \
+        (data_yaml.parent / "labels" / "train" / "000000.txt").read_bytes()  # deterministic
+    with pytest.raises(ValueError, match="--sizes MIN MAX"):
+        SynthConfig(sizes=(0.5, 0.2))
+    with pytest.raises(ValueError, match="--max-objects"):
+        SynthConfig(max_objects=0)
