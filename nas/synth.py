@@ -207,7 +207,7 @@ def default_dataset(cfg: SynthConfig = SynthConfig()) -> Path:
     if (target / "data.yaml").is_file():
         return target / "data.yaml"
     target.parent.mkdir(parents=True, exist_ok=True)
-    LOG.info("generating the default synthetic dataset (%d images) in %s", cfg.images, target)
+    LOG.info("generating the synthetic dataset %s (%d images) in %s", cfg.key, cfg.images, target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.key}.", dir=target.parent))
     try:
         make_synthetic(tmp, cfg)
