@@ -11,6 +11,7 @@ from nas.earlystop import EarlyStopConfig, Finished, curve_from_attr, replay, sh
 from nas.pareto import pareto_mask
 
 RECORDED = Path(__file__).parent / "data" / "recorded_study.json"
+RECORDED_DEMO = Path(__file__).parent / "data" / "recorded_demo_study.json"
 FAST_GOOD = Finished(0, latency_ms=5.0, curve={2: 0.10, 4: 0.30, 6: 0.40})
 SLOW_BEST = Finished(1, latency_ms=20.0, curve={2: 0.20, 4: 0.50, 6: 0.60})
 CFG = EarlyStopConfig(min_finished=1, noise_factor=0)
@@ -75,3 +76,17 @@ def test_replay_of_a_recorded_study_spares_the_final_front():
     # without the noise-scaled margin the same rule stops front trials: the margin is what protects them
     reckless = replay(trials, recorded["epochs"], EarlyStopConfig(noise_factor=0, rel_margin=0.2))
     assert on_front & set(reckless)
+
+
+def test_replay_of_the_recorded_demo_study_stops_a_quarter_and_spares_the_front():
+    """The issue's bar on a steadier recording: the zero-option demo's settings (its synthetic set, 10 epochs at
+    64 px validated every 2, two workers) with 20 trials and --no-early-stop (benchmarks/early_stop_replay.py
+    --save wrote it). The default rule stops at least a quarter of the trials and none of its final front."""
+    recorded = json.loads(RECORDED_DEMO.read_text())
+    trials = recorded["trials"]
+    assert len(trials) >= 20 and recorded["epochs"] == 10
+    front = pareto_mask([t["map50_95"] for t in trials], [t["latency_ms"] for t in trials])
+    on_front = {t["number"] for t, f in zip(trials, front) if f}
+    stopped = replay(trials, recorded["epochs"], EarlyStopConfig())
+    assert len(stopped) >= 0.25 * len(trials), stopped
+    assert on_front and not on_front & set(stopped)
