@@ -324,10 +324,6 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if args.devices and not torch.cuda.is_available():
         raise UsageError(f"--devices {','.join(args.devices)}: no CUDA device is available here; drop --devices")
-    if args.data:  # a dataset with nothing usable fails here, before the study is created
-        from nas.data import check_dataset, load_data_config
-
-        check_dataset(load_data_config(args.data))
     study = run_search(settings, report=lambda line: print(line, flush=True), workers=args.workers,
                        devices=args.devices or (), force=args.force, enqueue=args.enqueue or ())
     print(summary_line(study))
