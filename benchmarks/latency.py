@@ -16,8 +16,8 @@ import time
 
 import torch
 
+from nas.device import resolve_device
 from nas.latency import LatencyConfig, device_info, measure_latency
-from nas.train import resolve_device
 from pruning.reparam import fuse_model
 from space.builder import build_model
 from space.searchspace import seed_arch

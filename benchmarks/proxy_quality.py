@@ -20,8 +20,9 @@ from dataclasses import replace
 import torch
 
 from nas.data import load_data_config
+from nas.device import resolve_device
 from nas.synth import default_dataset
-from nas.train import ProxyConfig, fit, resolve_device
+from nas.train import ProxyConfig, fit
 from space.builder import build_model
 from space.cost import model_cost
 from space.searchspace import Arch, Stage, seed_arch

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from nas.device import resolve_device
 from nas.latency import LatencyConfig, device_info, measure_latency
-from nas.train import resolve_device
 from pruning.channel import prune_to_flops
 from pruning.reparam import fuse_model
 from space.builder import build_model

@@ -15,12 +15,13 @@ import logging
 import time
 
 from nas.data import load_data_config
+from nas.device import resolve_device
 from nas.evaluate import evaluate
 from nas.files import state_dict_bytes, write_bytes_atomic
 from nas.prune import prune_job
 from nas.source import load_weights, read_state
 from nas.synth import default_dataset
-from nas.train import ProxyConfig, fit, resolve_device
+from nas.train import ProxyConfig, fit
 from pruning.reparam import fuse_model
 from space.builder import build_model
 from space.searchspace import seed_arch

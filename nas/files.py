@@ -1,25 +1,17 @@
-"""Atomic file writes: a reader (or a crash) never sees half a file."""
+"""Files and locks for everything in nas/: the one atomic writer (`pruning.atomic`, re-exported), the one file
+lock class, weights as bytes, and host-wide lock paths."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 
+from pruning.atomic import atomic_path, write_bytes_atomic, write_text_atomic
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+__all__ = ["FileLock", "atomic_path", "host_lock_path", "state_dict_bytes", "write_bytes_atomic",
+           "write_text_atomic"]
 
 
 def state_dict_bytes(model) -> bytes:
@@ -33,38 +25,52 @@ def state_dict_bytes(model) -> bytes:
     return buffer.getvalue()
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
-class file_lock:
-    """An exclusive advisory lock on `path` (created if missing) between processes of one machine.
+class FileLock:
+    """An exclusive advisory lock on `path` (created if missing) between processes and threads of one machine.
 
     `fcntl.flock` where available (Linux, macOS); elsewhere a no-op, and the caller's storage or retry logic must
-    cope. The lock dies with its process, so a killed holder never leaves it taken.
+    cope. Every `acquire` opens its own descriptor (flock belongs to an open file description), so two threads of
+    one process exclude each other exactly as two processes do: a trial thread and its heartbeat thread append to
+    one journal through one lock. The kernel drops the lock when its holder dies, so a SIGKILLed holder never leaves
+    it taken. Usable as a context manager and, duck-typed (`acquire() -> bool`, `release()`), as Optuna's journal
+    file lock (optuna does not export `BaseJournalFileLock`). Not reentrant: a thread that acquires twice deadlocks.
+
+    Raises OSError when the lock file cannot be created.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._fd: int | None = None
+        self._held = threading.local()
 
-    def __enter__(self) -> file_lock:
+    def acquire(self) -> bool:
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
-            return self
+            return True
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._held.fd = fd
+        return True
+
+    def release(self) -> None:
+        fd, self._held.fd = getattr(self._held, "fd", None), None
+        if fd is not None:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            import fcntl
-
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        self.release()
 
 
 def host_lock_path(name: str) -> Path:

@@ -9,8 +9,6 @@ exporter (`dynamo=False`), which needs only `onnx`; onnxruntime runs the check. 
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pruning.atomic import atomic_path
 from space.errors import RepnasError
 
 OPSET = 17
@@ -59,16 +58,10 @@ def export_onnx(model: nn.Module, path: str | Path, imgsz: int | tuple[int, int]
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapped = _Decoded(copy.deepcopy(model)).to("cpu", torch.float32).eval()  # the caller's model stays as is
     x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # TorchScript tracer notes on the grid cache and shape arithmetic
-            torch.onnx.export(wrapped, (x,), tmp, dynamo=False, opset_version=opset, input_names=["images"],
-                              output_names=["output"], dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}})
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TorchScript tracer notes on the grid cache and shape arithmetic
+        torch.onnx.export(wrapped, (x,), str(tmp), dynamo=False, opset_version=opset, input_names=["images"],
+                          output_names=["output"], dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}})
     report = {"path": str(path), "imgsz": [h, w], "opset": opset}
     if check:
         report |= compare(wrapped, path, torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(1)))

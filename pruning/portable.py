@@ -11,8 +11,6 @@ network, bit for bit. A weights file that holds anything but tensors is refused 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pruning.atomic import write_bytes_atomic
 from pruning.channel import PruneError, channel_plan, sync_channel_attributes
 from space.cost import is_deploy
 from space.errors import RepnasError
@@ -32,20 +31,6 @@ MAX_PLAN_BYTES = 16 * 1024 * 1024
 
 class PrunedFileError(PruneError):
     """A pruned-model folder whose channel plan or weights cannot be used as given."""
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, rename over `path`: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_pruned(model: nn.Module, folder: str | Path, plan: dict[str, dict[str, int]] | None = None, *,
@@ -78,8 +63,8 @@ def save_pruned(model: nn.Module, folder: str | Path, plan: dict[str, dict[str, 
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
-    _write_atomic(folder / WEIGHTS_FILE, buffer.getvalue())
-    _write_atomic(folder / PLAN_FILE, (text + "\n").encode("utf-8"))
+    write_bytes_atomic(folder / WEIGHTS_FILE, buffer.getvalue())
+    write_bytes_atomic(folder / PLAN_FILE, (text + "\n").encode("utf-8"))
     return folder
 
 

@@ -115,6 +115,37 @@ class Arch:
         origin = f"{where} (space {space.source})" if where else space.source
         return _choose(space, _ParamsChooser(params, origin))
 
+    @classmethod
+    def from_model_yaml(cls, cfg: dict, space: Space, where: str) -> Arch:
+        """The Arch whose `to_yaml` writes the model YAML `cfg` (a dict, as yaml.safe_load returns it): the inverse
+        of `to_yaml` for a model of the seed's RepVGG-YOLO layout. `where` names the YAML in error messages.
+
+        Raises SpaceConfigError when `cfg` is not of that layout, when a value lies outside `space`, or when the
+        nearest Arch of the space would write a different model (then give the Arch params instead).
+        """
+        try:
+            rows, params = cfg["backbone"], {}
+            k = 0
+            for name in STAGE_NAMES:
+                args = rows[k][3]
+                depth, se = 1, len(args) > 8 and bool(args[8])
+                if k + 1 < len(rows) and rows[k + 1][3][2] == 1:
+                    depth += rows[k + 1][1]
+                    k += 1
+                params |= {f"{name}_depth": depth, f"{name}_width": args[0], f"{name}_se": se}
+                k += 1
+            head = cfg["head"]
+            widths = [w for w in space.head_width if make_divisible(SEED_HEAD[0] * w, 8) == head[0][3][0]]
+            params |= {"head_width": widths[0] if widths else head[0][3][0] / SEED_HEAD[0], "head_depth": head[3][1]}
+            arch = cls.from_params(params, space)
+        except (KeyError, IndexError, TypeError) as err:
+            raise SpaceConfigError(f"{where}: not a model YAML of the RepVGG-YOLO layout ({err!r})") from None
+        written = arch.to_yaml(cfg.get("nc", 80))
+        if [written["backbone"], written["head"]] != [cfg["backbone"], cfg["head"]]:
+            raise SpaceConfigError(f"{where}: the nearest Arch of the space ({arch.to_params()}) writes a different "
+                                   "model; give it as Arch params instead")
+        return arch
+
     def _rows(self, nc: int | str) -> tuple[list, list, dict[int, str]]:
         backbone: list[list] = []
         comments: dict[int, str] = {}

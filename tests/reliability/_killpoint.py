@@ -92,10 +92,10 @@ def install(kill: KillPoint) -> None:
 
         setattr(module, name, wrapper)
 
-    counted(nas.study, "build_model", "build", in_trial=True)
-    counted(nas.study, "measure_latency", "latency", in_trial=True)
-    counted(nas.study, "fuse_model", "fusing", in_trial=True, when=lambda model, *a, **k: not model.training)
-    counted(nas.study, "claim_trial", "between-trials")
+    counted(nas.study.trial, "build_model", "build", in_trial=True)
+    counted(nas.study.trial, "measure_latency", "latency", in_trial=True)
+    counted(nas.study.trial, "fuse_model", "fusing", in_trial=True, when=lambda model, *a, **k: not model.training)
+    counted(nas.study.run, "claim_trial", "between-trials")
     counted(nas.train, "evaluate", "evaluation")
 
     real_update = nas.train.ModelEMA.update
@@ -119,7 +119,7 @@ def install(kill: KillPoint) -> None:
 
     writes(nas.pareto, "write_text_atomic", "pareto", encode=lambda text: text.encode("utf-8"))
     writes(nas.pareto, "write_bytes_atomic", "pareto")
-    writes(nas.study, "write_bytes_atomic", "weights", selected=lambda path: Path(path).name == "weights.pt")
+    writes(nas.study.trial, "write_bytes_atomic", "weights", selected=lambda path: Path(path).name == "weights.pt")
 
 
 def main(argv: list[str]) -> int:

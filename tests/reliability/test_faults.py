@@ -12,7 +12,7 @@ enqueued Archs, and each gets one fault, injected through monkeypatch only while
 Trial 6 diverges too, at its second batch: its message differs from trial 1's only in figures, and `repnas show`
 counts the two as one reason ("2 x TrainingDiverged: loss became nan at epoch #, batch # ...").
 
-The one-time OOM that succeeds at half the batch is tests/nas/test_study_workers.py's
+The one-time OOM that succeeds at half the batch is tests/nas/study/test_trial.py's
 test_cuda_out_of_memory_retries_once_at_half_the_batch.
 """
 
@@ -34,7 +34,8 @@ import nas.study
 import nas.train
 from nas.cli import main
 from nas.study import counts, prepare_study, run_search
-from tests.nas.conftest import BASELINE, assets, settings  # noqa: F401  (fixtures: tiny space, data, baseline)
+from tests.nas.conftest import assets, settings  # noqa: F401  (fixtures: tiny space, data, baseline)
+from tests.studyfixtures import BASELINE
 
 # fault -> (trial number, the start of the trial's fail_reason)
 FAULTS = {
@@ -80,7 +81,7 @@ def test_each_fault_fails_its_trial_with_its_reason_and_the_study_finishes(setti
     target = {kind: number for kind, (number, _) in FAULTS.items()}
     current: list[int | None] = [None]  # the trial run_trial is running
 
-    real_run_trial = nas.study.run_trial
+    real_run_trial = nas.study.run.run_trial
 
     def run_trial(trial, *args):
         current[0] = trial.number
@@ -107,21 +108,21 @@ def test_each_fault_fails_its_trial_with_its_reason_and_the_study_finishes(setti
             raise OSError("image file is truncated: images/train/3.jpg")
         return real_getitem(self, i)
 
-    real_build = nas.study.build_model
+    real_build = nas.study.trial.build_model
 
     def build_model(*args, **kwargs):
         if current[0] == target["build"]:
             raise ValueError("injected: this Arch does not build")
         return real_build(*args, **kwargs)
 
-    real_fit, oom_batches = nas.study.fit, []
+    real_fit, oom_batches = nas.study.trial.fit, []
 
     def fit(model, data, cfg, callbacks=()):
         if current[0] == target["oom"]:
             oom_batches.append(cfg.batch)
         return real_fit(model, data, cfg, callbacks)
 
-    real_write, temp_seen = nas.study.write_bytes_atomic, []
+    real_write, temp_seen = nas.study.trial.write_bytes_atomic, []
 
     def write_bytes_atomic(path, data):
         if current[0] != target["disk"] or Path(path).name != "weights.pt":
@@ -132,12 +133,12 @@ def test_each_fault_fails_its_trial_with_its_reason_and_the_study_finishes(setti
                                                                             temp_seen))
             return real_write(path, data)
 
-    monkeypatch.setattr(nas.study, "run_trial", run_trial)
+    monkeypatch.setattr(nas.study.run, "run_trial", run_trial)
     monkeypatch.setattr(nas.train, "DetectionLoss", FaultyLoss)
     monkeypatch.setattr(nas.data.YoloDataset, "__getitem__", getitem)
-    monkeypatch.setattr(nas.study, "build_model", build_model)
-    monkeypatch.setattr(nas.study, "fit", fit)
-    monkeypatch.setattr(nas.study, "write_bytes_atomic", write_bytes_atomic)
+    monkeypatch.setattr(nas.study.trial, "build_model", build_model)
+    monkeypatch.setattr(nas.study.trial, "fit", fit)
+    monkeypatch.setattr(nas.study.trial, "write_bytes_atomic", write_bytes_atomic)
 
     lines: list[str] = []
     study = run_search(settings, report=lines.append)  # no fault escapes: the study runs to its count

@@ -1,0 +1,233 @@
+"""What a study shows: trial records for the Pareto files, one printed line per trial, `repnas show`, exports, and
+weight clean-up (`--keep-weights`, `repnas clean`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from nas.device import device_label
+from nas.pareto import FORMATS, TrialRecord, export_pareto
+from nas.study.attrs import (
+    ARCH_KEY,
+    BASELINE_KEY,
+    BASELINE_LATENCY_MS_KEY,
+    DEVICE_KEY,
+    FAIL_REASON_KEY,
+    FILES_KEY,
+    GFLOPS_DEPLOY_KEY,
+    LATENCY_MS_KEY,
+    LATENCY_RATIO_KEY,
+    MAP50_95_KEY,
+    MAP50_KEY,
+    PARAMS_KEY,
+    PRUNE_FRACTION_KEY,
+    REJECTED_KEY,
+    SECONDS_KEY,
+    SETTINGS_KEY,
+    counts,
+    pruned_reason,
+    stop_rule,
+)
+from nas.study.settings import StudySettings, trial_folder, upgrade_stored
+from nas.study.storage import journal_path, load_study, stored_settings
+from space.searchspace import STAGE_NAMES
+
+LOG = logging.getLogger("repnas.study")
+WEIGHT_FILES = ("weights.pt", "fused.pt", "pruned/weights.pt")
+
+
+def trial_records(study: optuna.Study, settings: StudySettings) -> list[TrialRecord]:
+    """One TrialRecord per trial, for the Pareto files (early-stopped trials keep their partial mAP off the table)."""
+    records = []
+    for t in study.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        arch = attrs.get(ARCH_KEY) or {}
+        stages = tuple((arch.get(f"{n}_depth"), arch.get(f"{n}_width"), bool(arch.get(f"{n}_se")))
+                       for n in STAGE_NAMES) if arch else ()
+        model_yaml = attrs.get(FILES_KEY, {}).get("model.yaml", {}).get("path")
+        if model_yaml:
+            model_yaml = os.path.relpath(settings.trials_root / model_yaml, settings.folder)
+        records.append(TrialRecord(
+            number=t.number, state=t.state.name, map50_95=attrs.get(MAP50_95_KEY), map50=attrs.get(MAP50_KEY),
+            latency_ms=attrs.get(LATENCY_MS_KEY), latency_ratio=attrs.get(LATENCY_RATIO_KEY),
+            device=device_label(attrs[DEVICE_KEY]) if DEVICE_KEY in attrs else "", params=attrs.get(PARAMS_KEY),
+            gflops_deploy=attrs.get(GFLOPS_DEPLOY_KEY), stages=stages, yaml_path=model_yaml,
+            is_baseline=bool(attrs.get(BASELINE_KEY)), pruned=attrs.get(PRUNE_FRACTION_KEY),
+        ))
+    return records
+
+
+def why(t: FrozenTrial) -> str:
+    """Why a trial ended as it did, in words: its failure, budget, early-stopping rule or other reason ('' if none)."""
+    a = t.user_attrs
+    return a.get(FAIL_REASON_KEY) or a.get(REJECTED_KEY) or stop_rule(t) or pruned_reason(t) or ""
+
+
+def trial_line(t: FrozenTrial) -> str:
+    """One printed line per finished trial."""
+    a = t.user_attrs
+
+    def num(key: str, fmt: str) -> str:
+        value = a.get(key, a.get(f"partial_{key}"))
+        return format(value, fmt) if value is not None else "-"
+
+    seconds = sum((a.get(SECONDS_KEY) or {}).values())
+    reason = why(t)
+    return (f"trial {t.number:>4} {t.state.name:<8} mAP50-95 {num(MAP50_95_KEY, '.4f'):>7} "
+            f"mAP50 {num(MAP50_KEY, '.4f'):>7} latency {num(LATENCY_MS_KEY, '.3f'):>8} ms "
+            f"ratio {num(LATENCY_RATIO_KEY, '.3f'):>6} GFLOPs {num(GFLOPS_DEPLOY_KEY, '.3f'):>8} {seconds:>7.1f} s"
+            + (f"  {reason}" if reason else ""))
+
+
+def export_files(study: optuna.Study, settings: StudySettings, out_dir: str | Path | None = None,
+                 formats: Sequence[str] | str = FORMATS) -> dict[str, Path]:
+    """Write the study's Pareto files into `out_dir` (default: the study folder); return format -> path."""
+    return export_pareto(trial_records(study, settings), out_dir or settings.folder, formats,
+                         title=f"repnas study {settings.name}: mAP50-95 vs latency")
+
+
+def export_study(name: str, out_dir: str | Path | None = None, formats: Sequence[str] | str = FORMATS, *,
+                 storage: str | None = None, results: str = "results") -> dict[str, Path]:
+    """`repnas export`: write the study's Pareto files (default into results/NAME/); return format -> path."""
+    study = load_study(name, storage=storage, results=results)
+    return export_files(study, stored_settings(study, name, storage, results), out_dir, formats)
+
+
+def weights_to_keep(study: optuna.Study, keep: int) -> set[int]:
+    """Trials whose weights `--keep-weights keep` keeps: the Pareto front and the top-`keep` by mAP50-95.
+
+    Safe to apply at any time: a trial once dominated stays dominated, and one that leaves the top-k never re-enters.
+    """
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    front = {t.number for t in study.best_trials} if done else set()
+    top = sorted(done, key=lambda t: (-t.values[0], t.number))[:keep]
+    return front | {t.number for t in top}
+
+
+def clean_weights(study: optuna.Study, settings: StudySettings, keep: int) -> list[Path]:
+    """Delete weight files of finished trials outside `weights_to_keep`; return the removed paths."""
+    kept = weights_to_keep(study, keep)
+    root = settings.trials_root.resolve()
+    removed = []
+    for t in study.get_trials(deepcopy=False):
+        if t.number in kept or t.state in (TrialState.RUNNING, TrialState.WAITING):
+            continue
+        folder = trial_folder(settings, t.number)
+        if not folder.resolve().is_relative_to(root):  # a symlinked trial folder: never delete outside the study
+            LOG.warning("weights cleaning: %s leads outside %s; left alone", folder, root)
+            continue
+        for name in WEIGHT_FILES:
+            path = folder / name
+            if path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)  # another worker may clean at the same moment
+                removed.append(path)
+    return removed
+
+
+def clean_study(name: str, keep: int | None = None, *, storage: str | None = None,
+                results: str = "results") -> tuple[list[Path], set[int]]:
+    """`repnas clean`: delete weights outside the front and the top-`keep` (default: the study's keep_weights)."""
+    study = load_study(name, storage=storage, results=results)
+    settings = stored_settings(study, name, storage, results)
+    keep = keep if keep is not None else (settings.keep_weights or 0)
+    return clean_weights(study, settings, keep), weights_to_keep(study, keep)
+
+
+def summary_line(study: optuna.Study) -> str:
+    """One line: trials by state, how many were rejected or duplicates, the size of the Pareto front."""
+    trials = study.get_trials(deepcopy=False)
+    by_state = {s: sum(t.state == s for t in trials) for s in TrialState}
+    rejected = sum(t.state == TrialState.PRUNED and not counts(t) for t in trials)
+    front = len(study.best_trials) if by_state[TrialState.COMPLETE] else 0
+    return (f"study {study.study_name}: {len(trials)} trials, {by_state[TrialState.COMPLETE]} complete, "
+            f"{by_state[TrialState.FAIL]} failed, {rejected} rejected or duplicate; {front} on the Pareto front")
+
+
+def _reason_template(reason: str) -> str:
+    """A failure reason with its figures written as '#': `repnas show` counts failures that differ only in them
+    (the batch where a loss became NaN, the bytes CUDA tried to allocate, a dead worker's PID) as one reason."""
+    return re.sub(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?", "#", reason)
+
+
+def _failure_lines(trials: list[FrozenTrial]) -> list[str]:
+    from collections import Counter
+
+    lines = []
+    rejected = Counter(pruned_reason(t) for t in trials if t.state == TrialState.PRUNED and not counts(t))
+    if rejected:
+        lines.append("  rejected before training: " + ", ".join(f"{n} {r}" for r, n in rejected.most_common()))
+    groups: dict[str, set[str]] = {}  # template -> the distinct reasons it stands for
+    failures: Counter = Counter()
+    for t in trials:
+        if t.state == TrialState.FAIL:
+            reason = str(t.user_attrs.get(FAIL_REASON_KEY, "unknown"))
+            failures[_reason_template(reason)] += 1
+            groups.setdefault(_reason_template(reason), set()).add(reason)
+    if failures:  # a group shows its one message, or its template when its messages differ in their figures,
+        # up to its first "; " (this line's separator; the advice after it is in the trial's traceback.txt)
+        shown = {key: (next(iter(group)) if len(group) == 1 else key).split("; ")[0][:80]
+                 for key, group in groups.items()}
+        lines.append("  failed: " + "; ".join(f"{n} x {shown[key]}" for key, n in failures.most_common()))
+    return lines
+
+
+def show_study(name: str, *, storage: str | None = None, results: str = "results") -> str:
+    """`repnas show`: one screen about a study: settings, trials by state (failures by reason), the front, time
+    left. Raises StudyError when there is no such study."""
+    from collections import Counter
+
+    import numpy as np
+
+    from nas.pareto import default_reference, hypervolume, pareto_table
+
+    study = load_study(name, storage=storage, results=results)
+    settings = stored_settings(study, name, storage, results)
+    stored = upgrade_stored(json.loads(study.user_attrs.get(SETTINGS_KEY, "{}")))
+    trials = study.get_trials(deepcopy=False)
+    counted = [t for t in trials if counts(t)]
+    target = stored.get("trials") or 0
+    lines = [f"study {name} ({storage or journal_path(settings)})"]
+    shown = ("data", "space", "trials", "sampler", "seed", "proxy", "latency_imgsz", "latency_batch", "device",
+             "latency", "baseline")
+    lines += [f"  {key}: {stored.get(key)}" for key in shown if key in stored]
+    baseline_ms = study.user_attrs.get(BASELINE_LATENCY_MS_KEY)
+    if baseline_ms is not None:
+        lines.append(f"  baseline latency (frozen at creation): {baseline_ms:.3f} ms")
+    states = Counter(t.state.name for t in trials)
+    lines.append(f"trials: {len(trials)} in all, {len(counted)} of {target} counted; "
+                 + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
+    lines += _failure_lines(trials)
+    records = trial_records(study, settings)
+    table = pareto_table(records)
+    front = table[table["pareto"]] if len(table) else table
+    if len(front):
+        reference = default_reference(records)
+        done = table.dropna(subset=["map50_95", "latency_ms"])
+        hv = hypervolume(done["map50_95"].to_numpy(float), done["latency_ms"].to_numpy(float), reference)
+        lines.append(f"Pareto front: {len(front)} trials; hypervolume {hv:.4g} (reference mAP50-95 "
+                     f"{reference[0]:g}, latency {reference[1]:.3f} ms)")
+        lines.append(f"  {'latency_ms':>10} {'mAP50-95':>9} {'mAP50':>7} {'trial':>6}  best mAP at this latency")
+        for _, row in front.iterrows():
+            mark = " (baseline)" if row["baseline"] else (" beats baseline" if row["dominates_baseline"] else "")
+            lines.append(f"  {row['latency_ms']:>10.3f} {row['map50_95']:>9.4f} {row['map50']:>7.4f} "
+                         f"{row['trial']:>6}{mark}")
+    else:
+        lines.append("Pareto front: no finished trial yet")
+    seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in counted
+               if t.datetime_start and t.datetime_complete]
+    left = max(target - len(counted), 0)
+    if left and seconds:
+        eta = float(np.mean(seconds)) * left
+        lines.append(f"time left: ~{eta / 60:.1f} min for {left} more trials at {np.mean(seconds):.0f} s each "
+                     "(one worker)")
+    elif not left:
+        lines.append("time left: none, the study has its trials")
+    return "\n".join(lines)

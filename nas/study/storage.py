@@ -1,0 +1,201 @@
+"""Where a study lives and how it starts: storage URL -> Optuna storage, the sampler, the environment record, and
+creating (frozen baseline latency, baseline enqueued as trial 0) or loading a study.
+
+Default storage: an Optuna journal file, `results/NAME/study.log` (`JournalStorage(JournalFileBackend)`): several
+worker processes on one machine share it safely through a file lock (appends only, no "database is locked"), which
+SQLite under concurrent writers does not do reliably (Optuna itself advises against SQLite for parallel workers).
+Its lock is `nas.files.FileLock` on `study.log.flock`: the kernel releases it when a holder dies (Optuna's default
+symlink lock stayed behind a SIGKILLed writer and stalled every other process for its 30 s grace period). Any Optuna
+RDB URL (PostgreSQL/MySQL) serves workers on many machines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import optuna
+import torch
+
+from nas.data import load_data_config
+from nas.device import resolve_device
+from nas.files import FileLock, host_lock_path
+from nas.latency import measure_latency
+from nas.study.attrs import (
+    BASELINE_KEY,
+    BASELINE_LATENCY_KEY,
+    BASELINE_LATENCY_MS_KEY,
+    BASELINE_PARAMS_KEY,
+    ENQUEUED_KEY,
+    ENVIRONMENT_KEY,
+    SETTINGS_HISTORY_KEY,
+    SETTINGS_KEY,
+)
+from nas.study.settings import (
+    SETTINGS_FORMAT,
+    StudyError,
+    StudySettings,
+    latency_config,
+    load_baseline,
+    load_enqueue,
+    settings_json,
+    upgrade_stored,
+)
+from pruning.reparam import fuse_model
+from space.builder import build_model
+from space.searchspace import load_space
+
+LOG = logging.getLogger("repnas.study")
+BASELINE_REPEATS = 3  # measurements of the baseline's latency at creation; the lowest median is frozen
+
+
+def journal_path(settings: StudySettings) -> Path:
+    return settings.folder / "study.log"
+
+
+def storage_for(settings: StudySettings, *, create: bool = True) -> optuna.storages.BaseStorage | str:
+    """The study's storage: the given URL, or the journal file results/NAME/study.log.
+
+    With `create=False` a missing journal file raises StudyError (saying how to start the study) instead of
+    being created.
+    """
+    if settings.storage:
+        return settings.storage
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    path = journal_path(settings)
+    if not create and not path.is_file():
+        raise StudyError(f"no study {settings.name!r}: {path} does not exist; start it with "
+                         f"`repnas search --study {settings.name}` (or pass --storage URL)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=FileLock(path.with_name(path.name + ".flock"))))
+
+
+def make_sampler(settings: StudySettings, stream: int = 0) -> optuna.samplers.BaseSampler:
+    """The study's sampler. Optuna 5 samplers read `trial.set_constraint` values (constraints_func is deprecated):
+    an over-budget trial sets "budget" = 1.0, so TPE learns where the infeasible region is (NSGA-II and random
+    ignore it). `stream` makes each worker process (and each resumed run) draw its own random sequence: the seed is
+    settings.seed + 9973 x stream."""
+    trials, seed = settings.trials, settings.seed + 9973 * stream
+    if settings.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=max(4, min(50, trials // 3)), seed=seed)
+    if settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # `group` is experimental
+        return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed,
+                                          n_startup_trials=max(3, trials // 4))
+
+
+def load_stored(settings: StudySettings) -> dict | None:
+    """The stored settings of an existing study (as stored: any format), or None when there is no study yet
+    (nothing is created then)."""
+    if not settings.storage and not journal_path(settings).is_file():
+        return None
+    try:
+        study = optuna.load_study(study_name=settings.name, storage=storage_for(settings))
+    except KeyError:
+        return None
+    raw = study.user_attrs.get(SETTINGS_KEY)
+    return json.loads(raw) if raw else None
+
+
+def load_study(name: str, *, storage: str | None = None, results: str = "results") -> optuna.Study:
+    """An existing study by name (default storage results/NAME/study.log), or a StudyError."""
+    settings = StudySettings(name=name, storage=storage, results=results)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=name, storage=storage_for(settings, create=False))
+    except KeyError:
+        raise StudyError(f"no study {name!r} in {storage or journal_path(settings)}") from None
+
+
+def stored_settings(study: optuna.Study, name: str, storage: str | None = None,
+                    results: str = "results") -> StudySettings:
+    """The settings a study holds, in today's names and format (older studies are upgraded as they are read)."""
+    raw = study.user_attrs.get(SETTINGS_KEY)
+    stored = upgrade_stored(json.loads(raw)) if raw else {}
+    known = {k: v for k, v in stored.items() if k in StudySettings.__dataclass_fields__ and
+             k not in ("name", "storage", "results", "quiet")}
+    return StudySettings(name=name, storage=storage, results=results, **known)
+
+
+def environment() -> dict:
+    """Versions that produced a study's numbers: repnas (and its git commit), Python, torch, CUDA, cuDNN, optuna."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    try:
+        version = metadata.version("repnas")
+    except metadata.PackageNotFoundError:
+        version = None
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        git = None
+    cudnn = torch.backends.cudnn.version() if torch.cuda.is_available() else None
+    return {"repnas": version, "git": git, "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "cudnn": cudnn, "optuna": optuna.__version__, "host": socket.gethostname()}
+
+
+def _record_settings(study: optuna.Study, settings: StudySettings, why: str) -> None:
+    """Replace a study's stored settings, keeping the old ones in its settings history."""
+    history = list(study.user_attrs.get(SETTINGS_HISTORY_KEY, []))
+    history.append({"time": time.time(), "why": why, "settings": json.loads(study.user_attrs[SETTINGS_KEY])})
+    study.set_user_attr(SETTINGS_HISTORY_KEY, history)
+    study.set_user_attr(SETTINGS_KEY, settings_json(settings))
+
+
+def create_or_load_study(settings: StudySettings, *, enqueue: Sequence[str] = ()) -> optuna.Study:
+    """Create the study (frozen baseline latency measured, baseline enqueued as trial 0) or load it.
+
+    `settings` must be merged and resolved (`nas.study.run.prepare_study` does that). A loaded study whose stored
+    settings differ from `settings` (a forced change, or an older format) gets them replaced, the old ones kept in
+    its settings history. `enqueue`: YAMLs of known candidates to enqueue (after the baseline). Raises StudyError
+    when another process created the study meanwhile with other settings.
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=storage_for(settings), study_name=settings.name, load_if_exists=True,
+                                directions=["maximize", "minimize"], sampler=make_sampler(settings))
+    space = load_space(settings.space)
+    extra = [load_enqueue(path, space) for path in enqueue]  # all checked before anything is written
+    if SETTINGS_KEY in study.user_attrs:
+        stored, wanted = json.loads(study.user_attrs[SETTINGS_KEY]), json.loads(settings_json(settings))
+        if stored != wanted:
+            old_format = stored.get("format", 1) < SETTINGS_FORMAT
+            _record_settings(study, settings, "format upgrade" if old_format else "settings changed")
+    else:
+        data_cfg = load_data_config(settings.data)
+        baseline = load_baseline(settings.baseline, space)
+        device = resolve_device(settings.device)
+        fused = fuse_model(build_model(baseline.to_yaml(data_cfg.nc)))
+        with FileLock(host_lock_path("latency")):  # frozen for the study's life: the least disturbed of 3
+            lat = min((measure_latency(fused, settings.latency_imgsz, settings.latency_batch, device,
+                                       latency_config(settings, device)) for _ in range(BASELINE_REPEATS)),
+                      key=lambda m: m.median_ms)
+        if SETTINGS_KEY in study.user_attrs:  # another host created it while this one measured (read afresh)
+            if study.user_attrs[SETTINGS_KEY] != settings_json(settings):
+                raise StudyError(f"study {settings.name!r} was created by another process while this one measured "
+                                 "its baseline, with other settings; run the same command again to join it with "
+                                 "the stored settings (or use another --study name)")
+            LOG.info("study %s was created by another process meanwhile: joining it, its baseline latency %.3f ms "
+                     "is kept", settings.name, study.user_attrs[BASELINE_LATENCY_MS_KEY])
+        else:
+            study.set_user_attr(BASELINE_LATENCY_MS_KEY, lat.median_ms)
+            study.set_user_attr(BASELINE_LATENCY_KEY, lat.to_dict())
+            study.set_user_attr(BASELINE_PARAMS_KEY, baseline.to_params())
+            study.set_user_attr(ENVIRONMENT_KEY, environment())
+            study.enqueue_trial(baseline.to_params(), user_attrs={BASELINE_KEY: True}, skip_if_exists=True)
+            study.set_user_attr(SETTINGS_KEY, settings_json(settings))  # last: without it, not yet created
+            LOG.info("created study %s: baseline latency %.3f ms on %s", settings.name, lat.median_ms,
+                     lat.device["name"])
+    for params in extra:
+        study.enqueue_trial(params, user_attrs={ENQUEUED_KEY: True}, skip_if_exists=True)
+    return study
