@@ -57,7 +57,12 @@ def evaluate(model: nn.Module, data: str | Path | DataConfig | YoloDataset, imgs
              half: bool = False, workers: int = 0, nc: int | None = None) -> Metrics:
     """COCO mAP of `model` on a validation split (`data`: data.yaml, DataConfig, or a rect YoloDataset).
 
-    `half` runs CUDA inference under fp16 autocast (the model's weights stay as they are).
+    Images are letterboxed to `imgsz` pixels (rectangular batches, as YOLOv5's val.py), detections NMS-ed
+    (torchvision batched NMS at IoU `iou`, confidence >= `conf`, at most `max_det` per image), mapped back to
+    original image pixels and scored by pycocotools' COCOeval with standard settings. `half` runs CUDA inference
+    under fp16 autocast (the model's weights stay as they are); `workers` data-loader processes. Returns Metrics
+    (map50_95, map50 in [0, 1], images, boxes, seconds). Raises RepnasError for a dataset that cannot be read and
+    ValueError when the model's class count differs from the dataset's.
     """
     start = time.perf_counter()
     stride = int(getattr(model, "stride", torch.tensor([32])).max())

@@ -159,9 +159,14 @@ class _Runner:
 def measure_latency(model: nn.Module, imgsz: int | tuple[int, int] = 640, batch: int = 1,
                     device: str | torch.device = "cpu", cfg: LatencyConfig = LatencyConfig(), *,
                     reference: nn.Module | None = None) -> Latency:
-    """Time `model` (a copy, in eval and inference mode) at `imgsz`; with `reference`, time both interleaved.
+    """Time `model` (a copy, in eval and inference mode) on a seeded input (batch, 3, H, W), `imgsz` an int or
+    (H, W) in pixels; with `reference`, time both interleaved round by round (`cfg.rounds`).
 
-    The caller passes the network that runs: the fused (and pruned) deploy form.
+    The caller passes the network that runs: the fused (and pruned) deploy form. On CUDA: CUDA events after
+    `cfg.warmup` untimed passes, fp16 and channels_last by `cfg`; on a CPU: `time.perf_counter` with `cfg.threads`
+    torch threads while timing. Returns Latency: median/p90/mean/std in milliseconds per forward pass, the device
+    record (`device_info`), and with `reference` its median and `latency_ratio` = median / reference median.
+    Raises ValueError for a non-positive batch or size.
     """
     device = torch.device(device)
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz

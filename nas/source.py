@@ -163,14 +163,28 @@ def _from_folder(folder: Path, expected: dict | None = None) -> Source:
 
 def load_source(source: str, weights: str | None = None, *, results: str = "results",
                 storage: str | None = None) -> Source:
-    """Load `source`: STUDY:TRIAL (a finished trial of a study), a trial or pruned-model folder, or a model YAML
-    (with `weights`, a state_dict of its train-time or fused form). Returns the deploy network."""
+    """Load `source`: STUDY:TRIAL (a finished trial of a study; `results`/`storage` say where the study is), a
+    trial or pruned-model folder, or a model YAML (with `weights`, a state_dict file of its train-time or fused
+    form). Returns a Source: the deploy network (fused, pruned where the trial was; CPU, eval mode) with its class
+    count, description, the data it was trained on and its proxy training size when recorded. Raises SourceError
+    (one line naming the source and the fix) for a missing study, trial, folder or file, a trial that is not
+    COMPLETE, recorded paths that lead outside the trial folder, files whose sha256 differs from the record, and
+    weights that are not a weights-only state_dict (pickles are refused, never run) or do not fit the YAML."""
     path = Path(source)
     match = STUDY_TRIAL.fullmatch(source)
     if match and not path.exists():
         from optuna.trial import TrialState
 
         from nas.study import load_study, stored_settings, trial_folder
+        from nas.study.attrs import (
+            FILES_KEY,
+            GFLOPS_DEPLOY_KEY,
+            LATENCY_MS_KEY,
+            LATENCY_RATIO_KEY,
+            MAP50_95_KEY,
+            MAP50_KEY,
+            PRUNE_FRACTION_KEY,
+        )
 
         study = load_study(match["study"], storage=storage, results=results)
         number = int(match["trial"])
@@ -183,15 +197,15 @@ def load_source(source: str, weights: str | None = None, *, results: str = "resu
                               f"(`repnas show {match['study']}` lists the front)")
         settings = stored_settings(study, match["study"], storage, results)
         folder = trial_folder(settings, number)
-        files = _recorded_files(trial.user_attrs.get("files") or {}, number, source)
-        if trial.user_attrs.get("prune_fraction"):  # the ranked network is the pruned one
+        files = _recorded_files(trial.user_attrs.get(FILES_KEY) or {}, number, source)
+        if trial.user_attrs.get(PRUNE_FRACTION_KEY):  # the ranked network is the pruned one
             _check_files(folder, {k: v for k, v in files.items() if k.startswith("pruned/")})
             folder = folder / "pruned"
         loaded = _from_folder(folder, files)
         loaded.description = f"{source} ({loaded.description})"
         loaded.data = loaded.data or settings.data
-        loaded.info["trial_attrs"] = {k: trial.user_attrs.get(k) for k in ("map50_95", "map50", "latency_ms",
-                                                                           "latency_ratio", "gflops_deploy")}
+        loaded.info["trial_attrs"] = {k: trial.user_attrs.get(k) for k in (
+            MAP50_95_KEY, MAP50_KEY, LATENCY_MS_KEY, LATENCY_RATIO_KEY, GFLOPS_DEPLOY_KEY)}
         return loaded
     if path.is_dir():
         if weights:

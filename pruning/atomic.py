@@ -33,6 +33,12 @@ def current_umask() -> int:
     return mask
 
 
+def _temp_beside(path: Path) -> tuple[int, Path]:
+    """An open descriptor and the name of a new temporary file in `path`'s folder (mode 0o600 until published)."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    return fd, Path(name)
+
+
 def _publish(tmp: Path, path: Path) -> None:
     os.chmod(tmp, 0o666 & ~current_umask())
     os.replace(tmp, path)
@@ -46,9 +52,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     Raises whatever the writer raised (the target is then untouched), or OSError from the rename.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_beside(path)
     os.close(fd)
-    tmp = Path(tmp_name)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -65,15 +70,15 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     Raises OSError (e.g. a full disk) with `path` untouched and no temporary file left.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        _publish(Path(tmp_name), path)
+        _publish(tmp, path)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -407,6 +407,9 @@ def prune_to_flops(
     steps: iterative steps with geometric intermediate targets; importance is recomputed after each.
     tolerance: the achieved GFLOPs must be within this fraction of the target, else PruneError.
     keep: names of convs (as in `channel_plan`) whose output channels must not change.
+    Returns a PruneResult: the pruned model, its channel plan, params and GFLOPs before/after, the achieved
+    error against the target and the seconds taken. Raises PruneError for a model that is not a fused
+    DetectionModel, bad arguments, or a target the dependency graph cannot reach within `tolerance`.
     """
     start = time.perf_counter()
     if not (hasattr(model, "detect") and hasattr(model, "model")):

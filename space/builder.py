@@ -505,11 +505,16 @@ def _assemble(plans: Sequence[_Plan], layers: Sequence[nn.Module], save: list[in
 
 def build_model(cfg: str | Path | dict, nc: int | None = None, ch: int = 3, *, deploy: bool = False,
                 device: str | torch.device | None = None) -> DetectionModel:
-    """Build a detector from a YOLOv5 model YAML (path or dict).
+    """Build a detector from a YOLOv5 model YAML (path or dict), as YOLOv5's `models/yolo.py` `parse_model` does.
 
-    `nc` overrides the YAML's class count. `deploy=True` builds the fused inference form directly (RepVGG blocks
-    as one 3x3 conv, Conv without BatchNorm): the structure `pruning.reparam.fuse_model` produces, e.g. to load
-    fused weights. `device="meta"` builds a weightless model for shape and cost questions.
+    `nc` overrides the YAML's class count; `ch` is the input channels (3 for RGB). `deploy=True` builds the fused
+    inference form directly (RepVGG blocks as one 3x3 conv, Conv without BatchNorm): the structure
+    `pruning.reparam.fuse_model` produces, e.g. to load fused weights. `device="meta"` builds a weightless model
+    for shape and cost questions. Returns a DetectionModel in train mode whose forward takes images (B, ch, H, W)
+    with H, W multiples of its largest stride and returns, in training, one tensor per level
+    (B, na, H/s, W/s, 5 + nc), in eval mode (decoded (B, N, 5 + nc) in input pixels, that list).
+    Raises ModelConfigError naming the file, row, field and value for anything that cannot be built (unknown
+    module, bad `from`, widths not divisible by groups, over MAX_PARAMS parameters, ...).
     """
     d, where = _load_cfg(cfg)
     if nc is not None:

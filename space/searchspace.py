@@ -116,9 +116,10 @@ class Arch:
         return _choose(space, _ParamsChooser(params, origin))
 
     @classmethod
-    def from_model_yaml(cls, cfg: dict, space: Space, where: str) -> Arch:
+    def from_model_yaml(cls, cfg: dict, space: Space, where: str, *, what: str = "the model") -> Arch:
         """The Arch whose `to_yaml` writes the model YAML `cfg` (a dict, as yaml.safe_load returns it): the inverse
-        of `to_yaml` for a model of the seed's RepVGG-YOLO layout. `where` names the YAML in error messages.
+        of `to_yaml` for a model of the seed's RepVGG-YOLO layout. `where` names the YAML in error messages, `what`
+        names it in the fix ("give the baseline as Arch params instead").
 
         Raises SpaceConfigError when `cfg` is not of that layout, when a value lies outside `space`, or when the
         nearest Arch of the space would write a different model (then give the Arch params instead).
@@ -143,7 +144,7 @@ class Arch:
         written = arch.to_yaml(cfg.get("nc", 80))
         if [written["backbone"], written["head"]] != [cfg["backbone"], cfg["head"]]:
             raise SpaceConfigError(f"{where}: the nearest Arch of the space ({arch.to_params()}) writes a different "
-                                   "model; give it as Arch params instead")
+                                   f"model; give {what} as Arch params instead")
         return arch
 
     def _rows(self, nc: int | str) -> tuple[list, list, dict[int, str]]:

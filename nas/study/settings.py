@@ -296,7 +296,7 @@ def load_baseline(path: str | None, space: Space) -> Arch:
     if isinstance(data, dict) and "backbone" in data:
         build_model(path, device="meta")  # a broken model YAML gets the builder's own message (file, row, field)
         try:
-            return Arch.from_model_yaml(data, space, f"baseline {path}")
+            return Arch.from_model_yaml(data, space, f"baseline {path}", what="the baseline")
         except SpaceConfigError as err:
             raise StudyError(str(err)) from None
     if not isinstance(data, dict):

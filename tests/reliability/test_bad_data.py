@@ -27,8 +27,8 @@ from PIL import Image
 
 from nas.data import label_path
 from tests.conftest import tiny_yaml
-from tests.nas.conftest import BASELINE, TINY_SPACE
 from tests.reliability.badinput import record_rule, refusal, tree
+from tests.studyfixtures import BASELINE, TINY_SPACE
 
 GOOD_LABEL = "0 0.5 0.5 0.3 0.3\n1 0.3 0.3 0.2 0.2\n"
 
@@ -75,7 +75,7 @@ def work(tmp_path, monkeypatch) -> Path:
 
 def _train(data: Path, *more: str) -> list[str]:
     return ["train", "model.yaml", "--data", str(data), "--epochs", "1", "--imgsz", "64", "--batch", "4",
-            "--device", "cpu", "--workers", "0", "--out", "out", *more]
+            "--device", "cpu", "--loader-workers", "0", "--out", "out", *more]
 
 
 def _search(data: Path) -> list[str]:

@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nas.synth import SynthConfig, make_synthetic
 from tests.conftest import tiny_yaml
-from tests.nas.conftest import BASELINE, TINY_SPACE
 from tests.reliability.badinput import record_rule, refusal, tree
+from tests.studyfixtures import BASELINE, TINY_SPACE, make_tiny_assets
 
 BAD = "bad.yaml"
 
@@ -29,12 +28,7 @@ BAD = "bad.yaml"
 def assets(tmp_path_factory) -> dict[str, Path]:
     """A good space, baseline and 16-image dataset for the `repnas search` runs (each refused before any work)."""
     root = tmp_path_factory.mktemp("bad-yaml-assets")
-    space = root / "space.yaml"
-    space.write_text(yaml.safe_dump(TINY_SPACE))
-    baseline = root / "baseline.yaml"
-    baseline.write_text(yaml.safe_dump(BASELINE))
-    data = make_synthetic(root / "data", SynthConfig(images=16, classes=2, imgsz=64))
-    return {"root": root, "space": space, "baseline": baseline, "data": data, "cache": root / "cache"}
+    return make_tiny_assets(root) | {"cache": root / "cache"}
 
 
 @pytest.fixture

@@ -25,12 +25,10 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 from optuna.trial import TrialState
 
-from nas.study import StudySettings, counts, load_study, prepare_study
-from nas.synth import SynthConfig, make_synthetic
-from tests.nas.conftest import BASELINE
+from nas.study import counts, load_study, prepare_study
+from tests.studyfixtures import make_tiny_assets, tiny_settings
 
 WORKERS, TRIALS = 4, 24
 # 4^5 = 1024 Archs: two workers rarely sample the same one, and when they do the product must reject one of them
@@ -57,13 +55,7 @@ HOW_TO_RUN_POSTGRES = (
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("parallel-assets")
-    space = root / "space.yaml"
-    space.write_text(yaml.safe_dump(SPACE))
-    baseline = root / "baseline.yaml"
-    baseline.write_text(yaml.safe_dump(BASELINE))
-    data = make_synthetic(root / "data", SynthConfig(images=10, classes=2, imgsz=64))
-    return {"data": data, "space": space, "baseline": baseline}
+    return make_tiny_assets(tmp_path_factory.mktemp("parallel-assets"), images=10, space=SPACE)
 
 
 def _postgres_url() -> str:
@@ -94,12 +86,7 @@ def _run_parallel(assets, tmp_path: Path, monkeypatch, name: str, storage: str |
     then let `repnas search --workers 4 --trials 24` run all its trials; return what the checks need."""
     monkeypatch.setenv("REPNAS_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
-    settings = StudySettings(
-        name=name, storage=storage, data=str(assets["data"]), space=str(assets["space"]), trials=TRIALS, seed=0,
-        sampler="random", proxy={"epochs": 1, "imgsz": 64, "batch": 8, "cache_images": False}, imgsz=64,
-        device="cpu", latency={"warmup": 0, "iters": 2, "rounds": 1}, baseline=str(assets["baseline"]),
-        early_stop={"enabled": False}, max_failures=3,
-    )
+    settings = tiny_settings(assets, name=name, storage=storage, trials=TRIALS, early_stop={"enabled": False})
     prepare_study(settings)
     argv = [sys.executable, "-m", "nas.cli", "search", "--study", name, "--workers", str(WORKERS), "--trials",
             str(TRIALS), "--quiet"] + (["--storage", storage] if storage else [])

@@ -21,14 +21,13 @@ import yaml
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from nas.study import StudySettings, run_search
-from nas.synth import SynthConfig, make_synthetic
+from nas.study import run_search
 from pruning.portable import save_pruned
 from pruning.reparam import fuse_model
 from space.builder import build_model
 from tests.conftest import tiny_yaml
-from tests.nas.conftest import BASELINE, TINY_SPACE
 from tests.reliability.badinput import record_rule, refusal, run_cli, tree
+from tests.studyfixtures import make_tiny_assets, tiny_settings
 
 NAME = "tiny"
 
@@ -41,15 +40,7 @@ def _storage(path: Path) -> JournalStorage:
 def study_root(tmp_path_factory) -> Path:
     """ROOT/res/tiny: a finished one-trial study (the baseline, trained one epoch on 16 images at 64 px)."""
     root = tmp_path_factory.mktemp("paths-study")
-    data = make_synthetic(root / "data", SynthConfig(images=16, classes=2, imgsz=64))
-    (root / "space.yaml").write_text(yaml.safe_dump(TINY_SPACE))
-    (root / "baseline.yaml").write_text(yaml.safe_dump(BASELINE))
-    settings = StudySettings(
-        name=NAME, data=str(data), space=str(root / "space.yaml"), trials=1, seed=0, sampler="random",
-        proxy={"epochs": 1, "imgsz": 64, "batch": 8, "cache_images": False}, imgsz=64, device="cpu",
-        latency={"warmup": 0, "iters": 2, "rounds": 1}, baseline=str(root / "baseline.yaml"), max_failures=1,
-        results=str(root / "res"),
-    )
+    settings = tiny_settings(make_tiny_assets(root), name=NAME, trials=1, max_failures=1, results=str(root / "res"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("REPNAS_CACHE_DIR", str(root / "cache"))
         study = run_search(settings)

@@ -1,0 +1,151 @@
+"""Running a study (nas/study/run.py): run_search until the count, resumed for one more; a failing trial fails
+alone and max_failures stops the study; Ctrl-C and a lost lease; the demo when no data is given; how many
+workers by default."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import nas.study
+from nas.cli import main
+from nas.study import SearchStopped, StudySettings, counts, run_search
+from nas.study.settings import resolved_proxy
+from nas.train import TrainingDiverged
+from tests.studyfixtures import BASELINE
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _states(study: optuna.Study) -> list[str]:
+    return [t.state.name for t in study.trials]
+
+
+def _load(settings: StudySettings) -> optuna.Study:
+    return optuna.load_study(study_name=settings.name, storage=nas.study.storage_for(settings))
+
+
+def test_three_trials_complete_with_baseline_files_and_pareto(settings, tmp_path):
+    lines: list[str] = []
+    study = run_search(settings, report=lines.append)
+    assert sum(counts(t) for t in study.trials) == 3
+    assert study.trials[0].user_attrs["baseline"] is True
+    assert study.trials[0].user_attrs["arch"] == BASELINE
+    assert study.user_attrs["baseline_latency_ms"] > 0
+    folder = tmp_path / "results" / "tiny"
+    assert (folder / "study.log").is_file()
+    for t in study.trials:
+        if t.state != TrialState.COMPLETE:
+            continue
+        files = t.user_attrs["files"]
+        assert set(files) == {"model.yaml", "weights.pt", "fused.pt", "epochs.csv", "metrics.json", "trial.log"}
+        for entry in files.values():
+            assert _sha(folder / "trials" / entry["path"]) == entry["sha256"]
+        assert t.values[1] == pytest.approx(t.user_attrs["latency_ratio"] * study.user_attrs["baseline_latency_ms"])
+        assert t.constraints == {"budget": 0.0} and t.user_attrs["fusion_error"] < 1e-4
+        assert set(t.user_attrs["seconds"]) == {"build", "latency", "train", "fuse", "eval"}
+    for ext in ("md", "csv", "html", "json", "png"):
+        assert (folder / f"pareto.{ext}").is_file()
+    assert len(lines) == len(study.trials) and lines[0].startswith("trial    0 COMPLETE")
+
+    before = len(study.trials)
+    again = run_search(StudySettings(name="tiny", trials=4))  # stored settings reused: exactly one more counts
+    assert sum(counts(t) for t in again.trials) == 4
+    assert len([t for t in again.trials if t.number >= before and counts(t)]) == 1
+
+
+def test_diverging_trial_fails_and_the_study_finishes_its_count(settings, monkeypatch, tmp_path):
+    real_fit, calls = nas.study.trial.fit, []
+
+    def fit(model, data, cfg, callbacks=()):
+        calls.append(1)
+        if len(calls) == 2:
+            raise TrainingDiverged("loss became nan at epoch 1")
+        return real_fit(model, data, cfg, callbacks)
+
+    monkeypatch.setattr(nas.study.trial, "fit", fit)
+    study = run_search(settings)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and sum(counts(t) for t in study.trials) == 3
+    assert failed[0].user_attrs["fail_reason"] == "TrainingDiverged: loss became nan at epoch 1"
+    traceback_txt = tmp_path / "results/tiny/trials" / str(failed[0].number) / "traceback.txt"
+    assert "TrainingDiverged" in traceback_txt.read_text()
+    screen = nas.study.show_study("tiny")  # `repnas show`: failures counted by reason, the front, time left
+    assert "in all, 3 of 3 counted" in screen and "3 COMPLETE, 1 FAIL" in screen
+    assert "failed: 1 x TrainingDiverged: loss became nan at epoch 1" in screen
+    assert "Pareto front: " in screen and "; hypervolume " in screen
+    assert screen.splitlines()[-1] == "time left: none, the study has its trials"
+    assert main(["show", "tiny"]) == 0
+
+
+def test_max_failures_stops_a_study_where_every_trial_fails(settings, monkeypatch):
+    def fit(model, data, cfg, callbacks=()):
+        raise TrainingDiverged("loss became nan")
+
+    monkeypatch.setattr(nas.study.trial, "fit", fit)
+    with pytest.raises(SearchStopped, match="2 trials failed"):
+        run_search(replace(settings, max_failures=2))
+    study = optuna.load_study(study_name="tiny", storage=nas.study.storage_for(settings))
+    assert _states(study) == ["FAIL", "FAIL"]
+
+
+def test_interrupt_fails_the_trial_and_keeps_the_baseline_enqueued(settings, monkeypatch):
+    monkeypatch.setattr(nas.study.trial, "fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run_search(settings)
+    study = _load(settings)
+    first, waiting = study.trials[0], study.trials[-1]
+    assert first.state == TrialState.FAIL and first.user_attrs["fail_reason"] == "interrupted"
+    assert waiting.state == TrialState.WAITING and waiting.user_attrs["baseline"] is True
+    assert waiting.user_attrs["requeued_from"] == 0 and waiting.user_attrs["requeue_reason"] == "interrupted"
+
+
+def test_a_trial_whose_lease_was_taken_is_dropped_and_the_worker_goes_on(settings, monkeypatch):
+    real_fit, lines = nas.study.trial.fit, []
+
+    def fit(model, data, cfg, callbacks=()):
+        study = _load(settings)
+        running = [t for t in study.trials if t.state == TrialState.RUNNING]
+        if running and running[0].number == 1:  # another process takes trial 1 for dead while it trains
+            study.tell(running[0].number, state=TrialState.FAIL)
+        return real_fit(model, data, cfg, callbacks)
+
+    monkeypatch.setattr(nas.study.trial, "fit", fit)
+    study = run_search(replace(settings, trials=2), report=lines.append)
+    assert "trial    1 lost its lease (marked stale by another worker); its result is dropped" in lines
+    assert study.trials[1].state == TrialState.FAIL and sum(counts(t) for t in study.trials) == 2
+
+
+def test_a_new_study_without_data_is_the_demo(monkeypatch, tmp_path):
+    """No --data on a new study: the demo's settings and the synthetic demo set (generated into the cache)."""
+    from nas.synth import DEMO_DATA, SynthConfig
+
+    monkeypatch.setenv("REPNAS_CACHE_DIR", str(tmp_path / "cache"))
+    small = replace(DEMO_DATA, images=12)  # the demo set's kind, fewer images
+    monkeypatch.setattr("nas.synth.DEMO_DATA", small)
+    monkeypatch.setattr(nas.study.run, "create_or_load_study", lambda settings, enqueue=(): None)  # settings only
+    settings, _ = nas.study.prepare_study(StudySettings(name="demo", results=str(tmp_path / "res")))
+    assert Path(settings.data).parent.name == small.key and small != SynthConfig()
+    # stored resolved: every proxy field, the demo's values over the defaults
+    assert settings.trials == nas.study.DEMO["trials"] and settings.proxy == resolved_proxy(nas.study.DEMO["proxy"])
+    assert settings.proxy["loss"]["obj"] == 6.25 and settings.latency_imgsz == 320
+    given, _ = nas.study.prepare_study(StudySettings(name="demo2", results=str(tmp_path / "res"), trials=3,
+                                                     proxy={"epochs": 2}))
+    assert given.trials == 3 and given.proxy == resolved_proxy(nas.study.DEMO["proxy"] | {"epochs": 2})  # given wins
+
+
+def test_default_workers_are_two_single_threaded_ones_only_for_the_demo_on_a_cpu(settings, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert nas.study.default_workers(settings, demo=True) == 2
+    assert nas.study.default_workers(settings, demo=False) == 1  # a study of the user's own: one worker
+    assert nas.study.default_workers(settings, demo=True, devices=["0"]) == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert nas.study.default_workers(settings, demo=True) == 1
