@@ -6,34 +6,49 @@ calibration batches of the training split); mAP right after pruning; `pruning.fi
 each pruned conv, calibrated on training batches (output-neutral), `nas.train.fit` with
 `ProxyConfig.finetune(epochs=K)`, `fold_batchnorms` (equivalence-checked); mAP after fine-tuning; latency of the
 result with the source as the interleaved reference (a ratio that survives a noisy machine).
+`resolve_prune_data` picks the job's dataset; `save_prune_report` writes the result's folder.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from nas.data import DataConfig, YoloDataset, index_split, make_loader
+from nas.data import DataConfig, YoloDataset, index_split, load_data_config, make_loader
+from nas.device import resolve_device
 from nas.evaluate import evaluate
+from nas.files import write_text_atomic
 from nas.latency import LatencyConfig, measure_latency
 from nas.loss import DetectionLoss
-from nas.train import ProxyConfig, fit, resolve_device
+from nas.train import ProxyConfig, fit
 from pruning.channel import PruneResult, prune_to_flops
 from pruning.finetune import fold_batchnorms, insert_batchnorms
+from pruning.portable import save_pruned
 from space.cost import count_gflops, count_params
+from space.errors import RepnasError
+
+if TYPE_CHECKING:
+    from nas.source import Source
 
 LOG = logging.getLogger("repnas.prune")
 CALIBRATION_BATCHES = 8
 
 
+class PruneDataError(RepnasError):
+    """A dataset that cannot serve a pruning job: its classes are not the model's."""
+
+
 @dataclass
 class PruneReport:
-    """Before/after figures of one pruning job (`rows()` is the printed table)."""
+    """Before/after figures of one pruning job (`table()` is the printed report, `to_dict()` prune.json's)."""
 
     result: PruneResult
     model: nn.Module  # the final pruned (and fine-tuned, folded) network
@@ -81,6 +96,16 @@ class PruneReport:
                      ("latency ratio", "1.000", f"{lat['latency_ratio']:.3f}")]
         return rows
 
+    def table(self) -> str:
+        """The printed report: `rows()` as a before/after table, then the target, what was achieved and how."""
+        rows, r = self.rows(), self.result
+        width = max(len(row[0]) for row in rows)
+        lines = [f"{'':<{width}}  {'before':>14}  {'after':>14}"]
+        lines += [f"{name:<{width}}  {before:>14}  {after:>14}" for name, before, after in rows]
+        lines.append(f"target {r.target_gflops:.3f} GFLOPs, achieved {r.gflops_after:.3f} ({r.error:+.2%}); "
+                     f"{r.importance} importance, channels rounded to {r.round_to}; {r.seconds:.1f} s to prune")
+        return "\n".join(lines)
+
 
 def _at(pair, i):
     return None if pair is None else pair[i]
@@ -107,12 +132,25 @@ def prune_job(model: nn.Module, data: DataConfig | None, target: float | str, *,
               eval_imgsz: int = 160, importance: str = "taylor", round_to: int = 8, finetune_epochs: int = 0,
               finetune: ProxyConfig | None = None, device: str = "auto", evaluate_before: bool = True,
               latency: LatencyConfig | None = None, measure: bool = True) -> PruneReport:
-    """Prune the fused `model` to `target` (see `prune_to_flops`), optionally fine-tune, evaluate and time it.
+    """Prune the fused `model` to `target` deploy FLOPs, optionally fine-tune it, evaluate and time it.
 
-    `data` (None: no evaluation, no Taylor importance, no fine-tuning) gives calibration batches and the val split.
-    `importance` defaults to "taylor": on the trained seed it kept 91.5% of mAP50 at 50% FLOPs where weight
-    magnitude ("l2") kept 53.5%, no better than random (benchmarks/RESULTS.md); without data it falls back to "l2".
-    `finetune` overrides the fine-tuning preset (`ProxyConfig.finetune(epochs=finetune_epochs, imgsz=eval_imgsz)`).
+    `model`: a fused (deploy-form) detector, e.g. `Source.model` or `pruning.reparam.fuse_model(...)`; it is copied,
+    never changed. `target`: a fraction (0.5), a percentage ("50%") or absolute GFLOPs ("2.5G") of its deploy GFLOPs
+    at `imgsz` (`pruning.channel.parse_target`). `imgsz`: the square input side in px of the FLOPs count and the
+    latency. `eval_imgsz`: the px side of evaluation, calibration batches and fine-tuning. `data` (None: no
+    evaluation, no Taylor importance, no fine-tuning; see `resolve_prune_data`) gives calibration batches of the
+    training split and the val split. `importance` defaults to "taylor": on the trained seed it kept 91.5% of mAP50
+    at 50% FLOPs where weight magnitude ("l2") kept 53.5%, no better than random (benchmarks/RESULTS.md); without
+    data it falls back to "l2". `round_to`: kept channel counts are multiples of it. `finetune_epochs` K > 0: BatchNorms
+    go in after each pruned conv, K epochs of `finetune` (default `ProxyConfig.finetune(epochs=K, imgsz=eval_imgsz)`),
+    then they are folded back. `evaluate_before`: also measure the source's mAP. `latency`/`measure`: how, and
+    whether, to time the result against the source, interleaved (default `LatencyConfig.for_device`).
+
+    Returns a PruneReport: the final network (CPU, eval, deploy form), the PruneResult (GFLOPs at `imgsz`, params),
+    (mAP50-95, mAP50) pairs in [0, 1] before, after pruning and after fine-tuning (None where not measured), the
+    latency dict (ms, ratio to the source) and seconds per step. Raises PruneError for a model that is not a fused
+    detector or a bad target, importance or round_to; ValueError when `finetune_epochs` > 0 without `data`; the
+    device errors of `resolve_device`; TrainingDiverged when fine-tuning diverges.
     """
     dev = resolve_device(device)
     seconds: dict[str, float] = {}
@@ -168,3 +206,43 @@ def prune_job(model: nn.Module, data: DataConfig | None, target: float | str, *,
     result.params_after = count_params(final)
     return PruneReport(result, final, imgsz, eval_imgsz, map_before, map_pruned, map_finetuned, lat,
                        finetune_epochs, seconds)
+
+
+def resolve_prune_data(data: str | Path | None, source: Source, where: str, *, importance: str = "taylor",
+                       finetune_epochs: int = 0, evaluate_before: bool = True) -> DataConfig | None:
+    """The dataset a pruning job of `source` uses, or None when the job needs none (no evaluation before or after,
+    no Taylor importance, no fine-tuning): `data` (a data.yaml) when given, else the data the model was trained on
+    (`source.data`, as its study or training run recorded it), else the built-in synthetic set (said in a warning).
+
+    `where` names the source in messages (the CLI's SOURCE). Raises PruneDataError when the dataset's class count is
+    not the model's, SourceError when a recorded dataset is not an existing data.yaml, DataError for a bad data.yaml.
+    """
+    from nas.source import recorded_data
+    from nas.synth import default_dataset
+
+    if not (evaluate_before or importance == "taylor" or finetune_epochs > 0):
+        return None
+    if data is None:
+        data = recorded_data(source.data, where)
+    if data is None:
+        data = default_dataset()
+        LOG.warning("no --data: using the built-in synthetic dataset %s", data)
+    cfg = load_data_config(data)
+    if cfg.nc != source.nc:
+        raise PruneDataError(f"--data {cfg.source}: {cfg.nc} classes, but {where} detects {source.nc}; give the "
+                             "dataset the model was trained on")
+    return cfg
+
+
+def save_prune_report(report: PruneReport, out: str | Path, *, source: str, data: DataConfig | None,
+                      target: float | str) -> Path:
+    """Write the pruned model into `out` (`pruning.portable.save_pruned`: channels.json and weights.pt, with the
+    source's description, the data, the sizes and the target as info) and prune.json (`PruneReport.to_dict`);
+    returns `out`."""
+    out = Path(out)
+    info = {"source": source, "data": str(data.source) if data else None, "train_imgsz": report.eval_imgsz,
+            "target": str(target), "imgsz": report.imgsz}
+    save_pruned(report.model, out, report.result.plan, info=info)
+    summary = {"source": source, "target": str(target)} | report.to_dict()
+    write_text_atomic(out / "prune.json", json.dumps(summary, indent=2, default=str) + "\n")
+    return out

@@ -1,10 +1,12 @@
 """Proxy training: YOLOv5's recipe (SGD with three parameter groups, warm-up, linear or cosine LR, EMA, AMP on
-CUDA) sized to rank candidates fast. `fit` is the one entry point; `ProxyConfig` says how a model is trained.
+CUDA) sized to rank candidates fast. `fit` trains a built model; `ProxyConfig` says how a model is trained;
+`train_job` is `repnas train` as a library call (check the data, build, cost, fit, write the run's folder).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import sys
@@ -17,10 +19,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from nas.data import AugmentConfig, DataConfig, YoloDataset, index_split, load_data_config, make_loader
+from nas.data import (
+    AugmentConfig,
+    DataConfig,
+    YoloDataset,
+    check_dataset,
+    index_split,
+    load_data_config,
+    make_loader,
+)
+from nas.device import resolve_device
 from nas.evaluate import Metrics, evaluate
+from nas.files import state_dict_bytes, write_bytes_atomic, write_text_atomic
 from nas.loss import DetectionLoss, LossHyp
+from space.builder import build_model
+from space.cost import ModelCost, model_cost
 from space.errors import RepnasError
+from space.yamlio import format_model_yaml
 
 
 class TrainingDiverged(RepnasError):
@@ -125,24 +140,6 @@ def epochs_csv(history: list[dict]) -> str:
     return rows.getvalue()
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N' or an int index -> torch.device, or a clear error."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(f"cuda:{device}" if str(device).isdigit() else device)
-    except RuntimeError:
-        raise RepnasError(f"device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RepnasError(f"device {device!r}: CUDA is not available on this machine; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise RepnasError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type not in ("cpu", "mps"):
-        raise RepnasError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return dev
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -208,10 +205,21 @@ def subset_records(records: Sequence, fraction: float, seed: int) -> list:
 
 def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = ProxyConfig(),
         callbacks: Sequence[EpochCallback] = ()) -> FitResult:
-    """Train `model` on `data` (a data.yaml or DataConfig) for `cfg.epochs`; evaluate every `cfg.val_every` epochs.
+    """Train `model` on `data` for `cfg.epochs` epochs; evaluate the EMA every `cfg.val_every` epochs and at the end.
 
-    After each evaluation every callback gets (epoch, mean losses, mAP50-95, mAP50); a truthy return stops training.
-    The returned model (the same object) holds the EMA weights. Raises TrainingDiverged on a non-finite loss.
+    `model`: a train-time DetectionModel (`space.builder.build_model`) built for the data's classes; it is moved to
+    `cfg.device` and trained in place. `data`: a data.yaml path or a loaded DataConfig. Images are letterboxed to
+    `cfg.imgsz` px (square), `cfg.batch` per step. The recipe is YOLOv5's train.py (v7.0): three parameter groups,
+    weight decay scaled by batch x accumulate / nominal batch, linear warm-up over `cfg.warmup_epochs` (bias LR from
+    `warmup_bias_lr`), linear or cosine LR down to lr0 x lrf, EMA with decay x (1 - exp(-updates / tau)), AMP on CUDA.
+    After each evaluation every callback gets (epoch from 1, mean box/obj/cls losses of the epoch, mAP50-95, mAP50
+    in [0, 1]); a truthy return stops training (not after the last epoch).
+
+    Returns a FitResult: `model` (the same object, EMA weights loaded, eval mode, on the device), `history` (one
+    dict per epoch with EPOCH_COLUMNS; mAP None where not validated), `metrics` (the last evaluation), `seconds`
+    (wall time), `stopped_early`. Raises RepnasError when the model's nc differs from the data's, TrainingDiverged
+    on a non-finite loss or MAX_BAD_STEPS non-finite gradient steps in a row, DataError for unusable data, and the
+    device errors of `nas.device.resolve_device`.
     """
     start = time.perf_counter()
     seed_everything(cfg.seed)
@@ -320,3 +328,48 @@ def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = Prox
     model.eval()
     return FitResult(model, history, metrics, time.perf_counter() - start, stopped)
 
+
+
+@dataclass
+class TrainReport:
+    """What `train_job` wrote and measured. `metrics` is metrics.json's content (mAPs in [0, 1], params, GFLOPs as
+    built and deployed at `cfg.imgsz`, epochs run, training seconds, data, device, the resolved proxy)."""
+
+    folder: Path
+    fit: FitResult
+    cost: ModelCost
+    metrics: dict
+
+
+def train_job(model_yaml: str | Path, data: str | Path | DataConfig, cfg: ProxyConfig, out: str | Path) -> TrainReport:
+    """Check the dataset, build `model_yaml` for its classes, train it with `fit` and write the run into `out`.
+
+    `model_yaml`: a YOLOv5-format model YAML (its `nc` is replaced by the data's). `data`: a data.yaml path or a
+    loaded DataConfig; it is checked (`nas.data.check_dataset`) before `out` is created, so a dataset with nothing
+    usable leaves no folder behind. `cfg`: how to train (epochs, `imgsz` in px, batch, device, loader workers...).
+    `out`: the run's folder, created if missing; it receives weights.pt (the EMA state_dict, CPU tensors, loadable
+    with `torch.load(..., weights_only=True)`), model.yaml (with the data's nc), epochs.csv (`epochs_csv`) and
+    metrics.json, each written atomically (a killed run leaves whole files or none).
+
+    Returns a TrainReport. Raises DataError for a bad or unusable dataset, ModelConfigError for a bad model YAML,
+    TrainingDiverged when the loss or gradients stay non-finite, RepnasError for an unusable device.
+    """
+    data_cfg = data if isinstance(data, DataConfig) else load_data_config(data)
+    check_dataset(data_cfg)  # a dataset with nothing usable fails here, before the output folder is made
+    model = build_model(model_yaml, nc=data_cfg.nc)
+    cost = model_cost(model, cfg.imgsz)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = fit(model, data_cfg, cfg)
+    write_bytes_atomic(out / "weights.pt", state_dict_bytes(model))
+    write_text_atomic(out / "model.yaml", format_model_yaml(model.yaml | {"nc": data_cfg.nc},
+                                                            header=f"trained by repnas on {data_cfg.source}"))
+    write_text_atomic(out / "epochs.csv", epochs_csv(result.history))
+    metrics = {
+        "map50_95": result.metrics.map50_95, "map50": result.metrics.map50, "params": cost.params,
+        "gflops": cost.gflops, "params_deploy": cost.params_deploy, "gflops_deploy": cost.gflops_deploy,
+        "epochs": len(result.history), "imgsz": cfg.imgsz, "train_seconds": result.seconds,
+        "data": str(data_cfg.source), "device": str(next(model.parameters()).device), "proxy": cfg.to_dict(),
+    }
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, default=str))
+    return TrainReport(out, result, cost, metrics)

@@ -8,12 +8,15 @@ and `settings` (tests/nas/conftest.py) are built from these two.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 from pathlib import Path
 
+import optuna
 import yaml
+from optuna.trial import TrialState
 
-from nas.study import StudySettings
+from nas.study import StudySettings, storage_for
 from tests.nas.study.data.old_assets import BASELINE, TINY_SPACE, make_assets
 
 __all__ = ["BASELINE", "TINY_SPACE", "make_tiny_assets", "tiny_settings"]
@@ -51,3 +54,21 @@ def tiny_settings(assets: dict[str, Path], **changes) -> StudySettings:
         latency={"warmup": 0, "iters": 2, "rounds": 1}, baseline=str(assets["baseline"]), max_failures=3,
     )
     return replace(settings, **changes)
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file's bytes, as a trial's FILES_KEY records it."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load(settings: StudySettings) -> optuna.Study:
+    """The study `settings` name, from its storage."""
+    return optuna.load_study(study_name=settings.name, storage=storage_for(settings))
+
+
+def files_intact(study: optuna.Study, root: Path) -> None:
+    """Assert every COMPLETE trial's recorded files under `root` (the trials root) match their sha256."""
+    for t in study.trials:
+        if t.state == TrialState.COMPLETE:
+            for entry in t.user_attrs["files"].values():
+                assert sha256_of(root / entry["path"]) == entry["sha256"], (t.number, entry)

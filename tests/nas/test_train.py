@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from nas.cli import main
+from nas.device import resolve_device
 from nas.synth import SynthConfig, make_synthetic
-from nas.train import ProxyConfig, TrainingDiverged, fit, parameter_groups, resolve_device
+from nas.train import ProxyConfig, TrainingDiverged, fit, parameter_groups
 from space.builder import build_model
 from space.errors import RepnasError
 from tests.conftest import tiny_yaml

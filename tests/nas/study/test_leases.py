@@ -4,14 +4,12 @@ that loses a race between hosts is released as surplus."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import optuna
 import pytest
@@ -21,21 +19,8 @@ import nas.study
 from nas.cli import main
 from nas.study import StudySettings, claim_trial, counts, host_id, prepare_study, recover_stale_trials, run_search
 from tests.studyfixtures import BASELINE
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _load(settings: StudySettings) -> optuna.Study:
-    return optuna.load_study(study_name=settings.name, storage=nas.study.storage_for(settings))
-
-
-def _files_intact(study: optuna.Study, root: Path) -> None:
-    for t in study.trials:
-        if t.state == TrialState.COMPLETE:
-            for entry in t.user_attrs["files"].values():
-                assert _sha(root / entry["path"]) == entry["sha256"], (t.number, entry)
+from tests.studyfixtures import files_intact as _files_intact
+from tests.studyfixtures import load as _load
 
 
 def test_stale_running_trial_is_failed_and_requeued(settings):

@@ -4,7 +4,6 @@ workers by default."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -19,18 +18,12 @@ from nas.study import SearchStopped, StudySettings, counts, run_search
 from nas.study.settings import resolved_proxy
 from nas.train import TrainingDiverged
 from tests.studyfixtures import BASELINE
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from tests.studyfixtures import load as _load
+from tests.studyfixtures import sha256_of as _sha
 
 
 def _states(study: optuna.Study) -> list[str]:
     return [t.state.name for t in study.trials]
-
-
-def _load(settings: StudySettings) -> optuna.Study:
-    return optuna.load_study(study_name=settings.name, storage=nas.study.storage_for(settings))
 
 
 def test_three_trials_complete_with_baseline_files_and_pareto(settings, tmp_path):

@@ -15,7 +15,7 @@ import yaml
 from optuna.trial import TrialState
 
 import nas.study
-from nas.study import SearchStopped, StudySettings, counts, run_search, trial_records
+from nas.study import SearchStopped, counts, run_search, trial_records
 from nas.study.trial import (
     Candidate,
     TrialRecorder,
@@ -31,11 +31,7 @@ from space.builder import build_model
 from space.cost import is_deploy
 from space.searchspace import Arch, Space, arch_cost, load_space, parse_space
 from tests.studyfixtures import BASELINE, TINY_SPACE, tiny_settings
-
-
-def _load(settings: StudySettings) -> optuna.Study:
-    return optuna.load_study(study_name=settings.name, storage=nas.study.storage_for(settings))
-
+from tests.studyfixtures import load as _load
 
 # ---------------------------------------------------------------------------------------------------------------
 # the phases, called one by one on a real trial of an in-memory study

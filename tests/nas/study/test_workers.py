@@ -3,33 +3,16 @@ no CUDA."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
-from pathlib import Path
 
-import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
 
-import nas.study
 from nas.cli import main
-from nas.study import StudySettings, counts, run_search
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _load(settings: StudySettings) -> optuna.Study:
-    return optuna.load_study(study_name=settings.name, storage=nas.study.storage_for(settings))
-
-
-def _files_intact(study: optuna.Study, root: Path) -> None:
-    for t in study.trials:
-        if t.state == TrialState.COMPLETE:
-            for entry in t.user_attrs["files"].values():
-                assert _sha(root / entry["path"]) == entry["sha256"], (t.number, entry)
+from nas.study import counts, run_search
+from tests.studyfixtures import files_intact as _files_intact
+from tests.studyfixtures import load as _load
 
 
 def test_two_workers_run_six_distinct_trials(settings, tmp_path):
