@@ -329,7 +329,6 @@ def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = Prox
     return FitResult(model, history, metrics, time.perf_counter() - start, stopped)
 
 
-
 @dataclass
 class TrainReport:
     """What `train_job` wrote and measured. `metrics` is metrics.json's content (mAPs in [0, 1], params, GFLOPs as

@@ -68,8 +68,13 @@ def _half_written_temp(path: str | Path, data: bytes) -> None:
 
 
 def _called_from(function) -> bool:
-    """Whether the caller of the wrapper that calls this is `function` (two frames up)."""
-    return sys._getframe(2).f_code is function.__code__
+    """Whether the wrapper that calls this runs inside `function` (run_trial calls its phases, which call the seams)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is function.__code__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def install(kill: KillPoint) -> None:
