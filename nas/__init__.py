@@ -1,4 +1,12 @@
-"""Running experiments: data, training, evaluation, latency, studies, Pareto tables and the CLI.
+"""Running experiments: files, devices, Optuna and progress bars live here, not in `space` or `pruning`.
 
-Files, devices, Optuna and progress bars live here, not in `space` or `pruning`.
+    data.py, synth.py         YOLO datasets (checked once, cached) and the synthetic default sets
+    loss.py, metrics.py       YOLOv5's loss; NMS and COCO mAP
+    train.py, evaluate.py     ProxyConfig, fit, train_job; evaluate
+    latency.py, device.py     LatencyConfig, measure_latency; resolve_device, device_label
+    earlystop.py, pareto.py   the two-objective early-stopping rule; front, hypervolume, exports
+    prune.py, source.py       the pruning job; STUDY:TRIAL and other model sources
+    onnx_export.py, files.py  export_onnx; FileLock, weights as bytes, the atomic writers
+    cli.py, cli_args.py       `repnas`: one command class per subcommand; the argparse pieces they share
+    study/                    the search study, one module per concern (see its __init__)
 """
