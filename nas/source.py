@@ -175,16 +175,7 @@ def load_source(source: str, weights: str | None = None, *, results: str = "resu
     if match and not path.exists():
         from optuna.trial import TrialState
 
-        from nas.study import load_study, stored_settings, trial_folder
-        from nas.study.attrs import (
-            FILES_KEY,
-            GFLOPS_DEPLOY_KEY,
-            LATENCY_MS_KEY,
-            LATENCY_RATIO_KEY,
-            MAP50_95_KEY,
-            MAP50_KEY,
-            PRUNE_FRACTION_KEY,
-        )
+        from nas.study import attrs, load_study, stored_settings, trial_folder
 
         study = load_study(match["study"], storage=storage, results=results)
         number = int(match["trial"])
@@ -197,15 +188,16 @@ def load_source(source: str, weights: str | None = None, *, results: str = "resu
                               f"(`repnas show {match['study']}` lists the front)")
         settings = stored_settings(study, match["study"], storage, results)
         folder = trial_folder(settings, number)
-        files = _recorded_files(trial.user_attrs.get(FILES_KEY) or {}, number, source)
-        if trial.user_attrs.get(PRUNE_FRACTION_KEY):  # the ranked network is the pruned one
+        files = _recorded_files(trial.user_attrs.get(attrs.FILES_KEY) or {}, number, source)
+        if trial.user_attrs.get(attrs.PRUNE_FRACTION_KEY):  # the ranked network is the pruned one
             _check_files(folder, {k: v for k, v in files.items() if k.startswith("pruned/")})
             folder = folder / "pruned"
         loaded = _from_folder(folder, files)
         loaded.description = f"{source} ({loaded.description})"
         loaded.data = loaded.data or settings.data
-        loaded.info["trial_attrs"] = {k: trial.user_attrs.get(k) for k in (
-            MAP50_95_KEY, MAP50_KEY, LATENCY_MS_KEY, LATENCY_RATIO_KEY, GFLOPS_DEPLOY_KEY)}
+        shown = (attrs.MAP50_95_KEY, attrs.MAP50_KEY, attrs.LATENCY_MS_KEY, attrs.LATENCY_RATIO_KEY,
+                 attrs.GFLOPS_DEPLOY_KEY)
+        loaded.info["trial_attrs"] = {k: trial.user_attrs.get(k) for k in shown}
         return loaded
     if path.is_dir():
         if weights:
