@@ -92,7 +92,7 @@ def run_search(settings: StudySettings, *, report: Callable[[str], None] | None 
     report = report or (lambda line: None)
     demo = settings.data is None and load_stored(settings) is None
     if workers is None:
-        workers = default_workers(replace(settings, device=settings.device or "auto"), demo=demo, devices=devices)
+        workers = default_workers(settings, demo=demo, devices=devices)  # device None: auto
     n = max(workers, len(devices))
     settings, study = prepare_study(settings, force=force, enqueue=enqueue,
                                     latency_threads=worker_threads(settings, n, devices))
