@@ -141,6 +141,8 @@ def epochs_csv(history: list[dict]) -> str:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (call it before building a model: its initial weights are drawn
+    from torch's generator)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -355,6 +357,7 @@ def train_job(model_yaml: str | Path, data: str | Path | DataConfig, cfg: ProxyC
     """
     data_cfg = data if isinstance(data, DataConfig) else load_data_config(data)
     check_dataset(data_cfg)  # a dataset with nothing usable fails here, before the output folder is made
+    seed_everything(cfg.seed)  # the initial weights too: the same seed gives the same run
     model = build_model(model_yaml, nc=data_cfg.nc)
     cost = model_cost(model, cfg.imgsz)
     out = Path(out)

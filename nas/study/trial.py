@@ -71,7 +71,7 @@ from nas.study.attrs import (
     STOPPED_EPOCH_KEY,
 )
 from nas.study.settings import StudySettings, latency_config, proxy_config, trial_folder
-from nas.train import FitResult, ProxyConfig, epochs_csv, fit
+from nas.train import FitResult, ProxyConfig, epochs_csv, fit, seed_everything
 from pruning.channel import PruneResult, prune_to_flops
 from pruning.portable import save_pruned
 from pruning.reparam import fuse_model, fusion_error
@@ -172,14 +172,16 @@ def _taken_archs(study: optuna.Study, number: int) -> list[dict]:
     return [t.user_attrs.get(ARCH_KEY) for t in study.get_trials(deepcopy=False, states=states) if t.number != number]
 
 
-def phase_build(rec: TrialRecorder, c: Candidate, space: Space, nc: int) -> None:
-    """Sample the Arch (TrialRejected if it is already trained or training here), write model.yaml, build it."""
+def phase_build(rec: TrialRecorder, c: Candidate, space: Space, nc: int, seed: int) -> None:
+    """Sample the Arch (TrialRejected if it is already trained or training here), write model.yaml, build it with
+    the generators seeded by the proxy's `seed` (the same Arch starts from the same weights in any study)."""
     c.arch = sample_arch(rec.trial, space)
     rec.set(ARCH_KEY, c.arch.to_params())
     if c.arch.to_params() in _taken_archs(rec.trial.study, rec.trial.number):
         rec.set(PRUNED_REASON_KEY, REASON_DUPLICATE)
         raise TrialRejected("duplicate: this Arch was already trained in this study")
     rec.save("model.yaml", c.arch.to_yaml_text(nc).encode())
+    seed_everything(seed)
     c.model = build_model(c.arch.to_yaml(nc))
 
 
@@ -310,6 +312,7 @@ def phase_train(rec: TrialRecorder, c: Candidate, settings: StudySettings, data_
         rec.set(OOM_RETRY_KEY, f"CUDA out of memory at batch {c.cfg.batch * 2}; retried at batch {c.cfg.batch}")
         rec.set(PROXY_KEY, c.cfg.to_dict())
         c.curve.clear()
+        seed_everything(c.cfg.seed)  # the retry starts from the same initial weights as the first attempt
         c.model = build_model(c.arch.to_yaml(data_cfg.nc))
         c.result = fit(c.model, data_cfg, c.cfg, callbacks=(on_validation,))
     rec.save("epochs.csv", epochs_csv(c.result.history).encode())
@@ -425,7 +428,7 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
     rec = TrialRecorder(trial, trial_folder(settings, trial.number), settings.trials_root)
     c = Candidate(baseline=bool(trial.user_attrs.get(BASELINE_KEY)), imgsz=settings.latency_imgsz or space.imgsz)
     with rec.phase("build"):
-        phase_build(rec, c, space, data_cfg.nc)
+        phase_build(rec, c, space, data_cfg.nc, proxy_config(settings).seed)
         phase_cost(rec, c, space)
         phase_prune_probe(rec, c, space, settings.prune_to)
         phase_budget(rec, c, space)

@@ -53,6 +53,28 @@ def test_fit_is_deterministic_for_a_seed(tiny_data):
     assert fit(m1, tiny_data, cfg).history[0]["box"] == fit(m2, tiny_data, cfg).history[0]["box"]
 
 
+def test_train_job_twice_with_one_seed_gives_bit_identical_weights(tiny_data, tmp_path):
+    """The seed covers the initial weights too (train_job seeds before it builds): same seed, same run, on the CPU
+    with equal thread counts and no loader workers."""
+    import hashlib
+
+    from nas.train import train_job
+
+    cfg = ProxyConfig(**FAST | {"epochs": 1, "workers": 0, "cache_images": False})
+    torch.manual_seed(123)  # whatever the generators held before
+    first = train_job(tiny_yaml(nc=3), tiny_data, cfg, tmp_path / "a")
+    torch.manual_seed(456)
+    second = train_job(tiny_yaml(nc=3), tiny_data, cfg, tmp_path / "b")
+    a, b = (torch.load(r.folder / "weights.pt", weights_only=True) for r in (first, second))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    digest = [hashlib.sha256((r.folder / "weights.pt").read_bytes()).hexdigest() for r in (first, second)]
+    assert digest[0] == digest[1] and first.metrics["map50_95"] == second.metrics["map50_95"]
+    other = train_job(tiny_yaml(nc=3), tiny_data, ProxyConfig(**FAST | {"epochs": 1, "workers": 0, "seed": 1}),
+                      tmp_path / "c")
+    c = torch.load(other.folder / "weights.pt", weights_only=True)
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # another seed: another run
+
+
 def test_nan_loss_raises_training_diverged(tiny_data, monkeypatch):
     from nas import train
 

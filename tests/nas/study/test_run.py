@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 import nas.study
@@ -142,3 +143,15 @@ def test_default_workers_are_two_single_threaded_ones_only_for_the_demo_on_a_cpu
     assert nas.study.default_workers(settings, demo=True, devices=["0"]) == 1
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     assert nas.study.default_workers(settings, demo=True) == 1
+
+
+def test_the_same_arch_in_two_studies_trains_to_the_same_weights(settings, tmp_path):
+    """A study trial seeds before it builds: the baseline Arch in two studies gives the same weights.pt sha256."""
+    first = run_search(replace(settings, name="one", trials=1))
+    torch.manual_seed(99)  # whatever the generators held in between
+    second = run_search(replace(settings, name="two", trials=1))
+    files = [s.trials[0].user_attrs["files"] for s in (first, second)]
+    assert first.trials[0].user_attrs["arch"] == second.trials[0].user_attrs["arch"]
+    assert files[0]["weights.pt"]["sha256"] == files[1]["weights.pt"]["sha256"]
+    assert _sha(tmp_path / "results" / "two" / "trials" / files[1]["weights.pt"]["path"]) == \
+        files[0]["weights.pt"]["sha256"]

@@ -53,7 +53,7 @@ def _recorder(tmp_path: Path, params: dict, study: optuna.Study | None = None) -
 
 def _built(tmp_path: Path, params: dict, space: Space, *, baseline: bool = False) -> tuple[TrialRecorder, Candidate]:
     rec, c = _recorder(tmp_path, params), Candidate(baseline=baseline, imgsz=64)
-    phase_build(rec, c, space, 2)
+    phase_build(rec, c, space, 2, 0)
     phase_cost(rec, c, space)
     return rec, c
 
@@ -80,7 +80,7 @@ def test_build_rejects_an_arch_already_trained_in_the_study(tmp_path):
     study.add_trial(optuna.trial.create_trial(values=[0.1, 1.0], user_attrs={"arch": WIDER}))
     rec, c = _recorder(tmp_path, WIDER, study), Candidate(baseline=False, imgsz=64)
     with pytest.raises(TrialRejected, match="duplicate"):
-        phase_build(rec, c, _space(), 2)
+        phase_build(rec, c, _space(), 2, 0)
     assert rec.trial.user_attrs["pruned_reason"] == "duplicate"
     assert not (tmp_path / "trials" / "1" / "model.yaml").exists()
 
