@@ -150,7 +150,7 @@ def test_cli_train_then_val(tiny_data, tmp_path, capsys):
     assert main(["val", str(out / "model.yaml"), "--weights", str(out / "weights.pt"), "--data", str(tiny_data),
                  "--imgsz", "64", "--device", "cpu", "--quiet"]) == 0
     row = capsys.readouterr().out.splitlines()[1].split()
-    assert float(row[2]) == pytest.approx(metrics["map50"], abs=1e-6)
+    assert float(row[2]) == pytest.approx(metrics["map50"], abs=5e-5)  # `val` prints 4 decimals
 
 
 def test_cli_refuses_pickled_weights(tmp_path, capsys):

@@ -59,7 +59,7 @@ def model_texts(draw) -> bytes:
         elif kind == "drop":
             del rows[k]
         elif kind == "copy":
-            rows.insert(k, list(rows[k]))
+            rows.insert(k, list(rows[k]) if isinstance(rows[k], list) else rows[k])  # a row may be a scalar now
         elif kind == "row":
             rows[k] = draw(VALUES)
         elif kind == "top":
