@@ -33,17 +33,6 @@ def current_umask() -> int:
     return mask
 
 
-def _temp_beside(path: Path) -> tuple[int, Path]:
-    """An open descriptor and the name of a new temporary file in `path`'s folder (mode 0o600 until published)."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    return fd, Path(name)
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    os.chmod(tmp, 0o666 & ~current_umask())
-    os.replace(tmp, path)
-
-
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` for a writer that needs a file name (e.g. `torch.onnx.export`);
@@ -52,13 +41,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     Raises whatever the writer raised (the target is then untouched), or OSError from the rename.
     """
     path = Path(path)
-    fd, tmp = _temp_beside(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    tmp = Path(name)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        _publish(tmp, path)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -69,17 +60,8 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
     Raises OSError (e.g. a full disk) with `path` untouched and no temporary file left.
     """
-    path = Path(path)
-    fd, tmp = _temp_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
+        f.write(data)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

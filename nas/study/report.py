@@ -3,7 +3,6 @@ weight clean-up (`--keep-weights`, `repnas clean`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -36,7 +35,7 @@ from nas.study.attrs import (
     pruned_reason,
     stop_rule,
 )
-from nas.study.settings import StudySettings, trial_folder, upgrade_stored
+from nas.study.settings import StudySettings, trial_folder
 from nas.study.storage import journal_path, load_study, stored_settings
 from space.searchspace import STAGE_NAMES
 
@@ -190,14 +189,14 @@ def show_study(name: str, *, storage: str | None = None, results: str = "results
 
     study = load_study(name, storage=storage, results=results)
     settings = stored_settings(study, name, storage, results)
-    stored = upgrade_stored(json.loads(study.user_attrs.get(SETTINGS_KEY, "{}")))
     trials = study.get_trials(deepcopy=False)
     counted = [t for t in trials if counts(t)]
-    target = stored.get("trials") or 0
+    target = settings.trials or 0
     lines = [f"study {name} ({storage or journal_path(settings)})"]
     shown = ("data", "space", "trials", "sampler", "seed", "proxy", "latency_imgsz", "latency_batch", "device",
              "latency", "baseline")
-    lines += [f"  {key}: {stored.get(key)}" for key in shown if key in stored]
+    if SETTINGS_KEY in study.user_attrs:  # (not yet while its creator measures the baseline)
+        lines += [f"  {key}: {getattr(settings, key)}" for key in shown]
     baseline_ms = study.user_attrs.get(BASELINE_LATENCY_MS_KEY)
     if baseline_ms is not None:
         lines.append(f"  baseline latency (frozen at creation): {baseline_ms:.3f} ms")

@@ -159,6 +159,11 @@ def check_study_name(name: str) -> str:
     return name
 
 
+def _plain(value: dict) -> dict:
+    """`value` as its stored JSON reads back (sorted keys, tuples as lists): what resume compares against."""
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
 def _merge_nested(base: dict, changes: dict) -> dict:
     """`base` with `changes` applied key by key, nested dicts (proxy's loss/augment) merged too."""
     out = dict(base)
@@ -176,25 +181,20 @@ def resolved_proxy(changes: dict | None, base: dict | None = None) -> dict:
         ProxyConfig(**merged)
     except (TypeError, ValueError) as err:
         raise StudyError(f"proxy settings {changes}: {err}") from None
-    return json.loads(json.dumps(merged, sort_keys=True))
+    return _plain(merged)
 
 
-def resolved_latency(changes: dict | None, device: torch.device, threads: int | None = None,
-                     base: dict | None = None) -> dict:
+def resolved_latency(changes: dict | None, device: torch.device, threads: int | None = None) -> dict:
     """Every LatencyConfig field for `device` with `changes` applied, plus `device_type`; on a CPU `threads` (None:
     torch's current count) is fixed here, so every process of the study times with the same number."""
-    changes = dict(changes or {})
-    changes.pop("device_type", None)
-    if base is None:
-        base = asdict(LatencyConfig.for_device(device))
-    merged = {k: v for k, v in base.items() if k != "device_type"} | changes
+    merged = asdict(LatencyConfig.for_device(device)) | {k: v for k, v in (changes or {}).items() if k != "device_type"}
     if device.type == "cpu" and merged.get("threads") is None:
         merged["threads"] = threads or torch.get_num_threads()
     try:
         LatencyConfig(**merged)
     except (TypeError, ValueError) as err:
         raise StudyError(f"latency settings {changes}: {err}") from None
-    return json.loads(json.dumps(merged | {"device_type": device.type}, sort_keys=True))
+    return _plain(merged | {"device_type": device.type})
 
 
 def upgrade_stored(stored: dict) -> dict:
@@ -210,7 +210,7 @@ def upgrade_stored(stored: dict) -> dict:
     if kind is None:  # "auto": the kind this host resolves it to, as the version that wrote it did in every process
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     base = _V1_LATENCY | (_V1_LATENCY_CPU if kind == "cpu" else {})
-    out["latency"] = json.loads(json.dumps(base | (out.get("latency") or {}) | {"device_type": kind}, sort_keys=True))
+    out["latency"] = _plain(base | (out.get("latency") or {}) | {"device_type": kind})
     out["format"] = SETTINGS_FORMAT
     return out
 
@@ -222,7 +222,7 @@ def _normalise(key: str, value: Any) -> Any:
     if key in ("data", "baseline", "artifacts") or (key == "space" and value != "default"):
         return str(Path(value).expanduser().resolve())
     if key in ("proxy", "latency", "early_stop"):
-        return json.loads(json.dumps(value, sort_keys=True))
+        return _plain(value)
     return value
 
 
