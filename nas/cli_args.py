@@ -210,6 +210,44 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
+def trial_numbers(text: str) -> list[int]:
+    """'3,7,12' -> [3, 7, 12] (trial numbers, >= 0)."""
+    try:
+        numbers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of trial numbers, e.g. 3,7,12") \
+            from None
+    if not numbers or min(numbers) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give trial numbers >= 0, e.g. 3,7,12")
+    return numbers
+
+
+def add_confirm_options(p: argparse.ArgumentParser) -> None:
+    """The options of `repnas confirm`."""
+    from nas.study.confirm import DEFAULT_FACTOR
+
+    p.add_argument("name", metavar="NAME", help="study name")
+    add_study_location(p)
+    which = p.add_argument_group("which trials (combined; default --front; the baseline is always included)")
+    which.add_argument("--trials", type=trial_numbers, metavar="3,7,12", default=[], help="these trial numbers")
+    which.add_argument("--front", action="store_true", help="the proxy Pareto front")
+    which.add_argument("--spread", type=positive_int, metavar="K",
+                       help="K trials spread evenly over the latency range (fastest and slowest included)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=positive_int, help="confirmation epochs")
+    budget.add_argument("--factor", type=positive_float, metavar="F",
+                        help=f"confirmation epochs = F x the study's proxy epochs (default {DEFAULT_FACTOR})")
+    p.add_argument("--imgsz", type=imgsz, help="training and validation size (default: the study's proxy imgsz)")
+    p.add_argument("--seeds", type=nonneg_int, nargs="+", metavar="S",
+                   help="training seeds, one run each (default: the study's proxy seed)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the study's device)")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="worker processes on this machine against the one storage (default 1)")
+    p.add_argument("--devices", type=devices, metavar="0,1,..",
+                   help="CUDA devices: worker i uses device i mod len (sets --workers to at least len)")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+
+
 def study_settings(args: argparse.Namespace):
     """The StudySettings the options of `search`/`resume` give (None: not given, the stored value or the default)."""
     from nas.study import StudySettings

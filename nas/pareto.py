@@ -47,6 +47,9 @@ class TrialRecord:
     yaml_path: str | None
     is_baseline: bool = False
     pruned: float | None = None  # the deploy-FLOPs fraction the ranked model was pruned to (None: not pruned)
+    confirmed_map50_95: float | None = None  # mean over seeds at the longest `repnas confirm` budget (None: none)
+    confirmed_std: float | None = None  # its standard deviation over seeds (ddof=1; None below 2 seeds)
+    confirmed_runs: int = 0  # confirmation runs (seeds) behind confirmed_map50_95
 
 
 def pareto_mask(map50_95: ArrayLike, latency: ArrayLike) -> np.ndarray:
@@ -141,7 +144,8 @@ def _stage_columns(n_stages: int) -> list[str]:
 def _columns(n_stages: int = len(STAGE_NAMES)) -> list[str]:
     return [
         "rank", "trial", "map50_95", "map50", "latency_ms", "device", "latency_ratio", "params_m", "gflops_deploy",
-        "pruned", *_stage_columns(n_stages), "dominates_baseline", "pareto", "baseline", "yaml", "state",
+        "pruned", *_stage_columns(n_stages), "dominates_baseline", "pareto", "confirmed_map50_95", "confirmed_std",
+        "confirmed_runs", "confirmed_pareto", "baseline", "yaml", "state",
     ]
 
 
@@ -150,7 +154,9 @@ def pareto_table(records: Iterable[TrialRecord]) -> pd.DataFrame:
 
     Finished = COMPLETE, or PRUNED with both objectives. `rank` is <NA> off the front. `dominates_baseline` is
     True when the trial is >= the baseline in mAP and <= in latency with one strict (False for the baseline
-    itself, and everywhere when no finished baseline has both objectives). Columns in `_columns()` order.
+    itself, and everywhere when no finished baseline has both objectives). `confirmed_pareto`: on the front of the
+    confirmed mAP50-95 against latency among the confirmed trials (<NA> for a trial not confirmed; with `pareto`
+    it tells which front rows survived confirmation). Columns in `_columns()` order.
     """
     rows = _finished(records)
     n_stages = max([len(STAGE_NAMES), *(len(r.stages) for r in rows)])
@@ -185,9 +191,19 @@ def pareto_table(records: Iterable[TrialRecord]) -> pd.DataFrame:
         data[f"{name}_depth"] = pd.array([None if x is None else int(x[0]) for x in stage], dtype="Int64")
         data[f"{name}_width"] = pd.array([None if x is None else int(x[1]) for x in stage], dtype="Int64")
         data[f"{name}_se"] = pd.array([None if x is None else bool(x[2]) for x in stage], dtype="boolean")
+    confirmed = np.array([_float(r.confirmed_map50_95) for r in rows])  # (N,)
+    has = np.isfinite(confirmed) & np.isfinite(lat)
+    confirmed_front = np.zeros(len(rows), dtype=bool)
+    if has.any():
+        confirmed_front[has] = pareto_mask(confirmed[has], lat[has])
     data |= {
         "dominates_baseline": beats,
         "pareto": on_front,
+        "confirmed_map50_95": confirmed,
+        "confirmed_std": [_float(r.confirmed_std) for r in rows],
+        "confirmed_runs": pd.array([r.confirmed_runs for r in rows], dtype="Int64"),
+        "confirmed_pareto": pd.array([bool(f) if h else None for f, h in zip(confirmed_front, has)],
+                                     dtype="boolean"),
         "baseline": np.array([r.is_baseline for r in rows], dtype=bool),
         "yaml": [r.yaml_path for r in rows],
         "state": [r.state for r in rows],
@@ -204,18 +220,21 @@ def _float(x: float | None) -> float:
 
 
 def export_pareto(records: Iterable[TrialRecord], out_dir: str | Path, formats: Sequence[str] | str = FORMATS, *,
-                  reference: tuple[float, float] | None = None, title: str = "") -> dict[str, Path]:
+                  reference: tuple[float, float] | None = None, title: str = "",
+                  confirmed_budget: str | None = None) -> dict[str, Path]:
     """Write pareto.{md,csv,html,json} as asked, and always pareto.png, into `out_dir`; return name -> path.
 
     md: the front only, with a hypervolume line. csv/json: every finished trial with its `pareto` flag.
     html: the front and all trials. Each file is replaced atomically, so this is safe after every trial.
-    `reference` defaults to `default_reference(records)`.
+    `reference` defaults to `default_reference(records)`. `confirmed_budget` ("epochs=E,imgsz=I"): the budget the
+    confirmed_* columns were retrained at (`repnas confirm`), said in every file.
 
     pareto.json layout:
         {"header": {"schema": "repnas.pareto/1", "title", "generated_at" (UTC ISO 8601),
                     "objectives": {"map50_95": "maximize", "latency_ms": "minimize"},
                     "reference": {"map50_95", "latency_ms", "rule"}, "hypervolume",
-                    "n_trials", "n_pareto", "baseline_trial" (or null), "devices", "columns"},
+                    "n_trials", "n_pareto", "baseline_trial" (or null), "devices", "confirmed_budget" (or null),
+                    "columns"},
          "trials": [one object per table row, keys = columns, missing values null]}
     """
     wanted = _parse_formats(formats)
@@ -228,7 +247,8 @@ def export_pareto(records: Iterable[TrialRecord], out_dir: str | Path, formats: 
     front = df[df["pareto"].astype(bool)]
     hv = hypervolume(df["map50_95"].astype(float), df["latency_ms"].astype(float), reference)
     summary = _Summary(title=title or "Pareto front: mAP50-95 vs latency", reference=reference, rule=rule,
-                       hypervolume=hv, n_trials=len(df), n_pareto=len(front), devices=_devices(df))
+                       hypervolume=hv, n_trials=len(df), n_pareto=len(front), devices=_devices(df),
+                       confirmed_budget=confirmed_budget)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -268,12 +288,16 @@ class _Summary:
     n_trials: int
     n_pareto: int
     devices: tuple[str, ...]
+    confirmed_budget: str | None = None
 
     def line(self) -> str:
         ref_map, ref_latency = self.reference
         return (f"Hypervolume {self.hypervolume:.6g} (reference: mAP50-95 = {ref_map:g}, "
                 f"latency = {ref_latency:.4g} ms, {self.rule}); "
-                f"front: {self.n_pareto} of {self.n_trials} finished trials.")
+                f"front: {self.n_pareto} of {self.n_trials} finished trials." + (
+                    f" confirmed_* columns: retrained at {self.confirmed_budget} (`repnas confirm`); "
+                    "confirmed_pareto marks the front of confirmed mAP50-95 against latency."
+                    if self.confirmed_budget else ""))
 
     def device_label(self) -> str:
         return " | ".join(self.devices) if self.devices else "unknown device"
@@ -284,7 +308,7 @@ def _devices(df: pd.DataFrame) -> tuple[str, ...]:
 
 
 _DECIMALS = {"map50_95": 4, "map50": 4, "latency_ms": 3, "latency_ratio": 3, "params_m": 3, "gflops_deploy": 2,
-             "pruned": 2}
+             "pruned": 2, "confirmed_map50_95": 4, "confirmed_std": 4}
 
 
 def _cell(column: str, value: object) -> str:
@@ -353,6 +377,7 @@ def _json(df: pd.DataFrame, summary: _Summary) -> str:
         "n_pareto": summary.n_pareto,
         "baseline_trial": int(baseline.iloc[0]) if len(baseline) else None,
         "devices": list(summary.devices),
+        "confirmed_budget": summary.confirmed_budget,
         "columns": list(df.columns),
     }
     return json.dumps({"header": header, "trials": trials}, indent=1) + "\n"

@@ -44,7 +44,11 @@ WEIGHT_FILES = ("weights.pt", "fused.pt", "pruned/weights.pt")
 
 
 def trial_records(study: optuna.Study, settings: StudySettings) -> list[TrialRecord]:
-    """One TrialRecord per trial, for the Pareto files (early-stopped trials keep their partial mAP off the table)."""
+    """One TrialRecord per trial, for the Pareto files (early-stopped trials keep their partial mAP off the table),
+    with the confirmed mAP50-95 of the longest `repnas confirm` budget where there is one."""
+    from nas.study.confirm import confirmed_for_records
+
+    _, confirmed = confirmed_for_records(study)
     records = []
     for t in study.get_trials(deepcopy=False):
         attrs = t.user_attrs
@@ -60,6 +64,8 @@ def trial_records(study: optuna.Study, settings: StudySettings) -> list[TrialRec
             device=device_label(attrs[DEVICE_KEY]) if DEVICE_KEY in attrs else "", params=attrs.get(PARAMS_KEY),
             gflops_deploy=attrs.get(GFLOPS_DEPLOY_KEY), stages=stages, yaml_path=model_yaml,
             is_baseline=bool(attrs.get(BASELINE_KEY)), pruned=attrs.get(PRUNE_FRACTION_KEY),
+            **({"confirmed_map50_95": confirmed[t.number]["map50_95"], "confirmed_std": confirmed[t.number]["std"],
+                "confirmed_runs": confirmed[t.number]["runs"]} if t.number in confirmed else {}),
         ))
     return records
 
@@ -89,8 +95,12 @@ def trial_line(t: FrozenTrial) -> str:
 def export_files(study: optuna.Study, settings: StudySettings, out_dir: str | Path | None = None,
                  formats: Sequence[str] | str = FORMATS) -> dict[str, Path]:
     """Write the study's Pareto files into `out_dir` (default: the study folder); return format -> path."""
+    from nas.study.confirm import budgets
+
+    found = budgets(study)
     return export_pareto(trial_records(study, settings), out_dir or settings.folder, formats,
-                         title=f"repnas study {settings.name}: mAP50-95 vs latency")
+                         title=f"repnas study {settings.name}: mAP50-95 vs latency",
+                         confirmed_budget=found[0] if found else None)
 
 
 def export_study(name: str, out_dir: str | Path | None = None, formats: Sequence[str] | str = FORMATS, *,
@@ -178,12 +188,32 @@ def _failure_lines(trials: list[FrozenTrial]) -> list[str]:
     return lines
 
 
+def _confirm_lines(study: optuna.Study) -> list[str]:
+    """What `repnas confirm` stored for the longest budget: its rank agreement, top-k, seed-to-seed τ, front."""
+    from nas.study.confirm import SUMMARY_KEY_PREFIX, budgets, confirm_summary, failed_runs
+
+    found = budgets(study)
+    lines = []
+    if found:
+        summary = study.user_attrs.get(SUMMARY_KEY_PREFIX + found[0]) or confirm_summary(study, found[0])
+        lines.append(f"confirmed at {found[0]} ({sum(r['runs'] for r in summary['trials'])} runs, "
+                     f"`repnas confirm`): {summary['agreement_line']}")
+        lines.append(f"  confirmed front: trials {summary['confirmed_front']}; proxy-front trials that survived: "
+                     f"{summary['survived']} of {summary['proxy_front']}")
+    failed = failed_runs(study)
+    if failed:
+        lines.append(f"confirmation runs failed (run `repnas confirm` again to retry): {len(failed)}, e.g. trial "
+                     f"{failed[0][0]} {failed[0][1]}: {failed[0][2]}")
+    return lines
+
+
 def show_study(name: str, *, storage: str | None = None, results: str = "results") -> str:
     """`repnas show`: one screen about a study: settings, trials by state (failures by reason), the front, time
     left. Raises StudyError when there is no such study."""
     from collections import Counter
 
     import numpy as np
+    import pandas as pd
 
     from nas.pareto import default_reference, hypervolume, pareto_table
 
@@ -213,11 +243,20 @@ def show_study(name: str, *, storage: str | None = None, results: str = "results
         hv = hypervolume(done["map50_95"].to_numpy(float), done["latency_ms"].to_numpy(float), reference)
         lines.append(f"Pareto front: {len(front)} trials; hypervolume {hv:.4g} (reference mAP50-95 "
                      f"{reference[0]:g}, latency {reference[1]:.3f} ms)")
-        lines.append(f"  {'latency_ms':>10} {'mAP50-95':>9} {'mAP50':>7} {'trial':>6}  best mAP at this latency")
+        confirmed = front["confirmed_runs"].fillna(0).astype(int).sum() > 0
+        lines.append(f"  {'latency_ms':>10} {'mAP50-95':>9} {'mAP50':>7} {'trial':>6}"
+                     + (f" {'confirmed':>17}" if confirmed else "") + "  best mAP at this latency")
         for _, row in front.iterrows():
             mark = " (baseline)" if row["baseline"] else (" beats baseline" if row["dominates_baseline"] else "")
+            if confirmed and row["confirmed_runs"]:
+                std = "" if pd.isna(row["confirmed_std"]) else f"±{row['confirmed_std']:.4f}"
+                cell = f" {row['confirmed_map50_95']:>7.4f}{std:<8}" + (
+                    "  survived" if row["confirmed_pareto"] else "  off the confirmed front")
+            else:
+                cell = f" {'-':>7}{'':<8}  not confirmed" if confirmed else ""
             lines.append(f"  {row['latency_ms']:>10.3f} {row['map50_95']:>9.4f} {row['map50']:>7.4f} "
-                         f"{row['trial']:>6}{mark}")
+                         f"{row['trial']:>6}{cell}{mark}")
+        lines += _confirm_lines(study)
     else:
         lines.append("Pareto front: no finished trial yet")
     seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in counted

@@ -27,21 +27,23 @@ EXIT_STOPPED = 3  # a worker's exit code when it gave up (SearchStopped)
 
 
 def _worker_command(settings: StudySettings, index: int, device: str | None, first: int,
-                    threads: int | None) -> list[str]:
+                    threads: int | None, job: dict | None = None) -> list[str]:
     spec = {"settings": {f.name: getattr(settings, f.name) for f in fields(StudySettings)}, "index": index,
-            "device": device, "first": first, "parent": os.getpid(), "threads": threads}
+            "device": device, "first": first, "parent": os.getpid(), "threads": threads, "job": job}
     return [sys.executable, "-m", "nas.study", "--worker", json.dumps(spec)]
 
 
 def run_workers(settings: StudySettings, n: int, devices: Sequence[str], first: int,
-                report: Callable[[str], None]) -> None:
+                report: Callable[[str], None], job: dict | None = None) -> None:
     """Start `n` worker processes, relay their lines, wait; stop them all on Ctrl-C or when this process exits.
 
-    Raises StudyError when a worker failed while the study still lacks trials, SearchStopped when one gave up."""
+    `job`: None for search trials; {"confirm": ConfirmPlan fields} for `repnas confirm` runs (`first`: then the
+    first follow-up trial number of this run). Raises StudyError when a worker failed while the study still lacks
+    trials (or runs), SearchStopped when one gave up."""
     threads = worker_threads(settings, n, devices)
     # own sessions: a terminal's Ctrl-C reaches this process only, which forwards one SIGINT to each worker
     procs = [subprocess.Popen(_worker_command(settings, i, f"cuda:{devices[i % len(devices)]}" if devices else None,
-                                              first, threads), stdout=subprocess.PIPE, text=True, bufsize=1,
+                                              first, threads, job), stdout=subprocess.PIPE, text=True, bufsize=1,
                               start_new_session=True)
              for i in range(n)]
 
@@ -69,6 +71,14 @@ def run_workers(settings: StudySettings, n: int, devices: Sequence[str], first: 
         for thread in relays:
             thread.join(timeout=5)
     study = load_study(settings.name, storage=settings.storage, results=settings.results)
+    if job is not None:
+        from nas.study.confirm import ConfirmPlan, plan_done
+
+        plan = ConfirmPlan.from_dict(job["confirm"])
+        if not plan_done(study, plan) and any(code != 0 for code in codes):
+            raise StudyError(f"study {settings.name!r}: confirm worker exit codes {codes} (see their lines above); "
+                             f"run `repnas confirm {settings.name}` again to finish the runs left")
+        return
     if sum(counts(t) for t in study.get_trials(deepcopy=False)) >= settings.trials:
         return  # the study has its trials, whatever a worker said on its way out
     if any(code not in (0, EXIT_STOPPED) for code in codes):
@@ -100,6 +110,8 @@ def worker_main(spec_json: str) -> int:
         torch.set_num_threads(spec["threads"])
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     study = load_study(settings.name, storage=settings.storage, results=settings.results)  # made by the coordinator
+    if spec.get("job"):
+        return _confirm_worker(spec, settings, study)
     study.sampler = make_sampler(settings, 1 + spec["index"] + len(study.get_trials(deepcopy=False)))
     if spec["device"]:
         settings = replace(settings, device=spec["device"])  # this worker's GPU, not the study's setting
@@ -108,6 +120,20 @@ def worker_main(spec_json: str) -> int:
     except SearchStopped as err:
         print(f"stopped: {err}", flush=True)
         return EXIT_STOPPED
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _confirm_worker(spec: dict, settings: StudySettings, study) -> int:
+    """A `repnas confirm --workers N` worker: claim and run confirmation runs until none is left."""
+    from nas.study.confirm import ConfirmPlan, confirm_work
+
+    plan = ConfirmPlan.from_dict(spec["job"]["confirm"])
+    if spec["device"]:
+        settings = replace(settings, device=spec["device"])
+    try:
+        confirm_work(study, settings, plan, lambda line: print(line, flush=True), spec["first"], spec["parent"])
     except KeyboardInterrupt:
         return 130
     return 0

@@ -109,7 +109,8 @@ def test_default_reference_prefers_the_baseline(records):
 COLUMNS = [
     "rank", "trial", "map50_95", "map50", "latency_ms", "device", "latency_ratio", "params_m", "gflops_deploy",
     "pruned", *(f"P{i}_{f}" for i in range(1, 6) for f in ("depth", "width", "se")),
-    "dominates_baseline", "pareto", "baseline", "yaml", "state",
+    "dominates_baseline", "pareto", "confirmed_map50_95", "confirmed_std", "confirmed_runs", "confirmed_pareto",
+    "baseline", "yaml", "state",
 ]
 
 
