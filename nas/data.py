@@ -8,28 +8,41 @@ mtimes, never beside the data (which may be read-only). Bad files are skipped wi
 the reason (once per process for the same files).
 
 An image without a label file (or with an empty one) is a background image, as in YOLOv5: it is kept, trains as
-"nothing here", and is counted in the split's summary line ("N backgrounds"). A label file without an image is
-warned about and ignored. `check_dataset` refuses a dataset with nothing usable: a split with no readable image,
-or with no labelled box at all (every image a background usually means the labels are misplaced).
+"nothing here", and is counted in the split's summary line ("N backgrounds"). A label file without an image (none
+of its stem in the image folders it serves, whichever split lists them) is warned about and ignored.
+`check_dataset` refuses a dataset with nothing usable: a split with no readable image, or with no labelled box at
+all (every image a background usually means the labels are misplaced), and warns about images that are in both
+train and val (same file content).
+
+Label lookup (`find_label`) is YOLOv5's rule (`img2label_paths` in utils/dataloaders.py): the last `images` folder of
+the image's path becomes `labels` and the suffix `.txt`; with no `images` folder the label sits beside the image. Two
+deliberate additions, each warned once per image folder: a label file whose path differs from that only in letter
+case is used (YOLOv5 finds it on a case-insensitive file system, not on Linux); a label file the rule misses
+(`<stem>.txt` beside an image in `images/`, or a `labels/` folder beside an image folder with another name) is not
+used, so the image stays a background as in YOLOv5, and the warning and the summary name it with the expected path.
+Split lists and label files may start with a UTF-8 byte-order mark (YOLOv5 skips such a label file as corrupt).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar, copy_context
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from nas.images import UnreadableImage, read_rgb
 from space.errors import ConfigError
 from space.yamlio import read_yaml
 
@@ -38,8 +51,9 @@ LOG = logging.getLogger("repnas.data")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".mpo"}
 MIN_IMAGE_PX = 10
 BOX_OVERSHOOT = 0.01  # normalised coordinates up to 1% outside the image are clipped; more is an error
-CACHE_VERSION = 1
-_WARNED: set[tuple[str, str]] = set()  # (content key, split) whose skipped files were already warned about
+CACHE_VERSION = 3  # 2: images decoded by mode and bit depth (nas.images); 32-bit and float images skipped
+#                   3: label lookup (letter-case variants used; the lookup's outcome in the key)
+_WARNED: set[tuple[str, str]] = set()  # (content key, split) or (file, "orphan") already warned about
 PAD_VALUE = 114  # YOLOv5's letterbox grey
 
 
@@ -112,7 +126,7 @@ def _list_split(entry, root: Path, where: str, split: str) -> tuple[Path, ...]:
         if path.is_dir():
             files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         elif path.suffix == ".txt" and path.is_file():
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            for line in path.read_text(encoding="utf-8-sig", errors="replace").splitlines():  # -sig: drops a BOM
                 line = line.strip()
                 if line:
                     p = Path(line)
@@ -147,17 +161,154 @@ def load_data_config(path: str | Path) -> DataConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# checking images and labels (once, cached)
+# label files: YOLOv5's rule, and the label files it misses
+
+LABEL_ANCESTORS = 3  # for an image folder not named `images`: how many folders up a sibling `labels/` is looked for
+_LISTINGS: ContextVar[dict[Path, dict[str, tuple[str, ...]]] | None] = ContextVar("repnas_listings", default=None)
+
+
+def _images_folder(parts: Sequence[str]) -> int | None:
+    """Index of the last folder (not the file) named exactly `images`, or None."""
+    for k in range(len(parts) - 2, -1, -1):
+        if parts[k] == "images":
+            return k
+    return None
 
 
 def label_path(image: Path) -> Path:
-    """YOLOv5's rule: the last `images` folder in the path becomes `labels`, the suffix `.txt`."""
+    """YOLOv5's rule (`img2label_paths` in utils/dataloaders.py): the last `images` folder in the path becomes
+    `labels`, the suffix `.txt`; with no `images` folder the label sits beside the image. Case-sensitive, as there."""
     parts = list(image.parts)
-    for k in range(len(parts) - 2, -1, -1):
-        if parts[k] == "images":
-            parts[k] = "labels"
-            return Path(*parts).with_suffix(".txt")
-    return image.with_suffix(".txt")
+    k = _images_folder(parts)
+    if k is not None:
+        parts[k] = "labels"
+    return Path(*parts).with_suffix(".txt")
+
+
+@dataclass(frozen=True)
+class LabelLookup:
+    """Where one image's label file is.
+
+    expected: YOLOv5's path for it (`label_path`). used: the label file read, `expected` or a file whose path differs
+    from it only in letter case; None for a background. elsewhere: a label file for this image at a place the rule
+    does not look (not read); only set when `used` is None.
+    """
+
+    image: Path
+    expected: Path
+    used: Path | None = None
+    elsewhere: Path | None = None
+
+    @property
+    def case_only(self) -> bool:
+        return self.used is not None and self.used != self.expected
+
+
+def _listing(folder: Path) -> dict[str, tuple[str, ...]]:
+    """The names in `folder` by their case-folded form ({} if it is no readable folder); listed once per index."""
+    memo = _LISTINGS.get()
+    if memo is not None and folder in memo:
+        return memo[folder]
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:  # missing, not a folder, unreadable
+        names = []
+    by_key: dict[str, tuple[str, ...]] = {}
+    for name in names:
+        by_key[name.casefold()] = (*by_key.get(name.casefold(), ()), name)
+    if memo is not None:
+        memo[folder] = by_key
+    return by_key
+
+
+def _case_variants(parts: Sequence[str], fixed: int) -> list[Path]:
+    """Existing files whose path is `parts` with `parts[fixed:]` matched ignoring letter case (sorted by name)."""
+    folders = [Path(*parts[:fixed])]
+    for name in parts[fixed:-1]:
+        folders = [d / n for d in folders for n in _listing(d).get(name.casefold(), ()) if (d / n).is_dir()]
+    return [d / n for d in folders for n in _listing(d).get(parts[-1].casefold(), ()) if (d / n).is_file()]
+
+
+def find_label(image: Path) -> LabelLookup:
+    """The label file of `image`: YOLOv5's path if it is a file, else a letter-case variant of it (used), else a
+    label file the rule misses (reported, not used).
+
+    The candidates, in order: `label_path(image)` (the exact match wins); the same path with the `labels` folder, the
+    folders below it and the file name (stem and `.txt`) matched ignoring case; then, not used: for an image in an
+    `images` folder, `<stem>.txt` beside the image (any case); for an image with no `images` folder in its path, a
+    `labels` folder (any case) in place of its folder or one of the next LABEL_ANCESTORS - 1 folders up
+    (`imgs/a.jpg` -> `labels/a.txt`, `JPEGImages/train/a.jpg` -> `labels/train/a.txt`).
+    """
+    expected = label_path(image)
+    if expected.is_file():
+        return LabelLookup(image, expected, expected)
+    parts = image.parts
+    k = _images_folder(parts)
+    found = _case_variants(expected.parts, len(parts) - 1 if k is None else k)
+    if found:
+        return LabelLookup(image, expected, found[0])
+    if k is not None:
+        beside = image.with_suffix(".txt").parts
+        found = _case_variants(beside, len(beside) - 1)
+    else:
+        lowest = 1 if image.anchor else 0  # never replace the root
+        for j in range(len(parts) - 2, max(len(parts) - 2 - LABEL_ANCESTORS, lowest - 1), -1):
+            found = _case_variants((*parts[:j], "labels", *parts[j + 1:-1], expected.name), j)
+            if found:
+                break
+    return LabelLookup(image, expected, None, found[0] if found else None)
+
+
+def _lookup_warnings(lookups: Sequence[LabelLookup], split: str) -> list[str]:
+    """One line per image folder with label files found only by ignoring case, one per folder with label files
+    elsewhere (not used)."""
+    case_only: dict[Path, list[LabelLookup]] = {}
+    elsewhere: dict[Path, list[LabelLookup]] = {}
+    for lookup in lookups:
+        if lookup.case_only:
+            case_only.setdefault(lookup.image.parent, []).append(lookup)
+        elif lookup.elsewhere is not None:
+            elsewhere.setdefault(lookup.image.parent, []).append(lookup)
+    lines = []
+    for folder, found in case_only.items():
+        lines.append(f"{folder}: {len(found)} label files of {split} images differ from YOLOv5's label path only in "
+                     f"letter case (e.g. {found[0].used}, expected {found[0].expected}); they are used, but YOLOv5 on "
+                     "Linux would not find them: rename them")
+    for folder, found in elsewhere.items():
+        fix = ("move them there" if _images_folder(found[0].image.parts) is not None
+               else "move them there, or put the images in an `images` folder beside `labels`")
+        lines.append(f"{folder}: {len(found)} {split} images have a label file where YOLOv5's rule does not look "
+                     f"(e.g. {found[0].elsewhere}, expected {found[0].expected}); not used, these images train as "
+                     f"backgrounds: {fix}")
+    return lines
+
+
+def _orphan_labels(lookups: Sequence[LabelLookup]) -> list[Path]:
+    """Label files (`*.txt`, any case) in the split's label folders that no image on disk matches by stem.
+
+    An image in the folders the split's images come from counts even if it is in another split (train and val as
+    .txt lists over one images/ + labels/ share a labels folder).
+    """
+    used = {lookup.used for lookup in lookups if lookup.used is not None}
+    image_folders: dict[Path, set[Path]] = {}  # label folder -> the image folders whose labels it holds
+    for lookup in lookups:
+        for label in {lookup.expected, lookup.used} - {None}:
+            image_folders.setdefault(label.parent, set()).add(lookup.image.parent)
+    orphans = []
+    for folder in sorted(image_folders):
+        stems = {Path(name).stem.casefold() for d in image_folders[folder] for names in _listing(d).values()
+                 for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES}
+        for names in _listing(folder).values():
+            for name in names:
+                path = folder / name
+                if (path.suffix.lower() == ".txt" and path not in used and path.stem.casefold() not in stems
+                        and path.is_file()):
+                    orphans.append(path)
+    return sorted(orphans)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checking images and labels (once, cached)
 
 
 @dataclass(frozen=True)
@@ -177,6 +328,10 @@ class SplitIndex:
     records: tuple[ImageRecord, ...]
     skipped: tuple[tuple[str, str], ...]  # (file, reason)
     notes: dict[str, int]
+    # label lookups of note (records only): misses (a label file elsewhere, not used) and letter-case matches (used)
+    misplaced: tuple[LabelLookup, ...] = ()
+    case_only: tuple[LabelLookup, ...] = ()
+    orphans: tuple[Path, ...] = ()  # label files in the split's label folders that no image matches
 
     @property
     def boxes(self) -> int:
@@ -184,7 +339,9 @@ class SplitIndex:
 
     def summary(self, split: str) -> str:
         backgrounds = sum(1 for r in self.records if len(r.labels) == 0)
-        text = (f"{split}: {len(self.records)} images, {self.boxes} boxes, {backgrounds} backgrounds, "
+        elsewhere = (f"{len(self.misplaced)} with a label file elsewhere (e.g. {self.misplaced[0].elsewhere}), "
+                     if self.misplaced else "")
+        text = (f"{split}: {len(self.records)} images, {self.boxes} boxes, {backgrounds} backgrounds, {elsewhere}"
                 f"{len(self.skipped)} skipped")
         notes = ", ".join(f"{v} {k}" for k, v in sorted(self.notes.items()) if v)
         return f"{text} ({notes})" if notes else text
@@ -240,25 +397,18 @@ def _check_one(image: Path, nc: int) -> tuple[dict | None, str | None, dict[str,
     notes: dict[str, int] = {}
     try:
         try:
-            with Image.open(image) as im:
-                im.verify()
-            with Image.open(image) as im:
-                mode = im.mode
-                im = ImageOps.exif_transpose(im)
-                im.load()  # full decode: a truncated file fails here
-                width, height = im.size
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise _Bad(f"not a readable image ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-                       ) from None
+            decoded = read_rgb(image, verify=True)  # by mode and bit depth, as YOLOv5's cv2.imread
+        except UnreadableImage as err:
+            raise _Bad(err.reason) from None
+        height, width = decoded.pixels.shape[:2]  # (H, W, 3), EXIF-oriented
         if min(width, height) < MIN_IMAGE_PX:
             raise _Bad(f"image is {width}x{height}, smaller than {MIN_IMAGE_PX} px")
-        if mode not in ("RGB",):
-            notes[f"{'greyscale' if mode in ('L', 'LA', 'I', 'I;16', '1') else mode} images converted to RGB"] = 1
-        lp = label_path(image)
+        notes |= dict.fromkeys(decoded.conversions, 1)
+        lp = find_label(image).used  # YOLOv5's path, or a letter-case variant of it
         labels = np.zeros((0, 5), np.float32)
-        if lp.is_file():
+        if lp is not None:
             try:
-                text = lp.read_text(encoding="utf-8")
+                text = lp.read_text(encoding="utf-8-sig")  # -sig: drops a BOM, where YOLOv5 skips the file
             except UnicodeDecodeError:
                 raise _Bad(f"label file {lp} is not UTF-8 text") from None
             try:
@@ -279,10 +429,17 @@ def cache_dir() -> Path:
     return Path(base) / "repnas"
 
 
-def _fingerprint(images: Sequence[Path], nc: int) -> str:
+def _fingerprint(images: Sequence[Path], lookups: Sequence[LabelLookup], nc: int) -> str:
+    """The cache key: nc, and per image its file, its label lookup's outcome and each file that names (size, mtime).
+
+    The outcome covers every candidate label path: a label file appearing where the lookup looks changes the key.
+    """
     h = hashlib.sha256(f"v{CACHE_VERSION} nc={nc}".encode())
-    for image in images:
-        for p in (image, label_path(image)):
+    for image, lookup in zip(images, lookups):
+        for p in (image, lookup.expected, lookup.used, lookup.elsewhere):
+            if p is None:
+                h.update(b"-\n")
+                continue
             try:
                 st = p.stat()
                 h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -311,50 +468,71 @@ def _write_cache(path: Path, data: dict) -> None:
 
 def index_split(images: Sequence[Path], nc: int, split: str, where: str, *, workers: int = 8,
                 use_cache: bool = True) -> SplitIndex:
-    """Check every image and label file of a split (or load the cached result) and log what was skipped.
+    """Check every image and label file of a split (or load the cached result) and log what was skipped and which
+    label files are out of place (`find_label`).
 
     A split with no usable image raises DataError after its skipped files are logged (`check_dataset` raises
     before logging anything, for a one-line refusal).
     """
-    index, key, orphans = _index(images, nc, split, where, workers, use_cache)
-    _report(index, key, split, orphans, summary=False)
+    index, key = _index(images, nc, split, where, workers, use_cache)
+    _report(index, key, split, summary=False)
     _require_usable(index, split, where)
     LOG.info(index.summary(split))
     return index
 
 
+def _misplaced_hint(misplaced: Sequence[LabelLookup]) -> str:
+    if not misplaced:
+        return ""
+    return (f"; {len(misplaced)} images have a label file where YOLOv5's rule does not look (e.g. "
+            f"{misplaced[0].elsewhere}, expected {misplaced[0].expected})")
+
+
 def _index(images: Sequence[Path], nc: int, split: str, where: str, workers: int,
-           use_cache: bool) -> tuple[SplitIndex, str, list[Path]]:
-    """The checked split, its content key and its orphan label files; raises when no image is usable."""
+           use_cache: bool) -> tuple[SplitIndex, str]:
+    """The checked split and its content key; raises when the split lists no image or has no labels folder."""
     if not images:
         raise DataError(f"{where}: the {split} split lists no images; check `{split}` and the folder's contents")
-    label_dirs = {label_path(p).parent for p in images}
-    if not any(d.is_dir() for d in label_dirs):
-        first = sorted(label_dirs)[0]
-        raise DataError(
-            f"{where}: {split} split: labels folder {first} does not exist (YOLO labels sit in labels/ beside "
-            "images/); add the labels or fix the split's path"
-        )
-    key = _fingerprint(images, nc)
-    cache_file = cache_dir() / "labels" / f"{key[:32]}.json"
-    cached = _read_cache(cache_file, key) if use_cache else None
-    if cached is None:
-        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(images)))) as pool:
-            results = list(pool.map(lambda p: _check_one(p, nc), images))
-        cached = {"key": key, "results": [[r, reason] for r, reason, _ in results],
-                  "notes": [n for _, _, n in results]}
-        if use_cache:
-            _write_cache(cache_file, cached)
-    records, skipped, notes = [], [], {}
-    for image, (record, reason), note in zip(images, cached["results"], cached["notes"]):
+    token = _LISTINGS.set({})  # each folder is listed once for this index: the key and the checks see one state
+    try:
+        lookups = [find_label(p) for p in images]
+        label_dirs = {lookup.expected.parent for lookup in lookups}
+        if not any(lookup.used for lookup in lookups) and not any(d.is_dir() for d in label_dirs):
+            misplaced = [lookup for lookup in lookups if lookup.elsewhere is not None]
+            raise DataError(
+                f"{where}: {split} split: labels folder {sorted(label_dirs)[0]} does not exist (YOLO labels sit in "
+                f"labels/ beside images/){_misplaced_hint(misplaced)}; "
+                + ("move the label files there or fix the split's path" if misplaced
+                   else "add the labels or fix the split's path")
+            )
+        key = _fingerprint(images, lookups, nc)
+        cache_file = cache_dir() / "labels" / f"{key[:32]}.json"
+        cached = _read_cache(cache_file, key) if use_cache else None
+        if cached is None:
+            context = copy_context()  # the pool's threads share this index's folder listings
+            with ThreadPoolExecutor(max_workers=max(1, min(workers, len(images)))) as pool:
+                results = list(pool.map(lambda p: context.copy().run(_check_one, p, nc), images))
+            cached = {"key": key, "results": [[r, reason] for r, reason, _ in results],
+                      "notes": [n for _, _, n in results]}
+            if use_cache:
+                _write_cache(cache_file, cached)
+        orphans = _orphan_labels(lookups)
+    finally:
+        _LISTINGS.reset(token)
+    records, skipped, notes, misplaced, case_only = [], [], {}, [], []
+    for image, lookup, (record, reason), note in zip(images, lookups, cached["results"], cached["notes"]):
         if record is None:
             skipped.append((str(image), reason))
             continue
         records.append(ImageRecord(Path(record["path"]), record["height"], record["width"],
                                    np.array(record["labels"], np.float32).reshape(-1, 5)))
+        if lookup.elsewhere is not None:
+            misplaced.append(lookup)
+        if lookup.case_only:
+            case_only.append(lookup)
         for k, v in note.items():
             notes[k] = notes.get(k, 0) + v
-    return SplitIndex(tuple(records), tuple(skipped), notes), key, _orphan_labels(images, label_dirs)
+    return SplitIndex(tuple(records), tuple(skipped), notes, tuple(misplaced), tuple(case_only), tuple(orphans)), key
 
 
 def _require_usable(index: SplitIndex, split: str, where: str) -> None:
@@ -364,14 +542,18 @@ def _require_usable(index: SplitIndex, split: str, where: str) -> None:
                         f"{skipped[0][0] if skipped else '-'}: {skipped[0][1] if skipped else '-'}); fix the files")
 
 
-def _report(index: SplitIndex, key: str, split: str, orphans: Sequence[Path], summary: bool = True) -> None:
-    """Log a split's skipped files, orphan labels and conversions (once per process for the same content), and
-    its summary line."""
+def _report(index: SplitIndex, key: str, split: str, summary: bool = True) -> None:
+    """Log a split's skipped files, label files misplaced or without an image, and conversions (once per process
+    for the same content; an orphan label file once, though splits share its folder), and its summary line."""
     first_time = (key, split) not in _WARNED
     _WARNED.add((key, split))
     if first_time:
         for file, reason in index.skipped:
             LOG.warning("%s: skipped: %s", file, reason)
+        for line in _lookup_warnings(index.case_only + index.misplaced, split):
+            LOG.warning("%s", line)
+        orphans = [p for p in index.orphans if (str(p), "orphan") not in _WARNED]
+        _WARNED.update((str(p), "orphan") for p in orphans)
         if orphans:
             LOG.warning("%s split: %d label files have no image (e.g. %s); they are ignored", split, len(orphans),
                         orphans[0])
@@ -387,31 +569,62 @@ def check_dataset(cfg: DataConfig) -> dict[str, SplitIndex]:
 
     Per-file problems are warnings (the file skipped); a split with no usable image, or with images but not one
     labelled box, raises DataError naming the data.yaml, the split and the fix. Nothing is logged before both
-    splits pass, so a refused dataset prints its one error line only.
+    splits pass, so a refused dataset prints its one error line only. Images in both splits (same file content)
+    are warned about: they inflate the val mAP.
     """
     checked = {}
     for split, images in (("train", cfg.train), ("val", cfg.val)):
-        index, key, orphans = _index(images, cfg.nc, split, str(cfg.source), 8, True)
+        index, key = _index(images, cfg.nc, split, str(cfg.source), 8, True)
         _require_usable(index, split, str(cfg.source))
         if index.boxes == 0:
             raise DataError(
                 f"{cfg.source}: the {split} split has {len(index.records)} images but not one labelled box (each is a "
-                f"background: no label file, or an empty one); put the labels in labels/ beside images/ or fix "
-                f"`{split}`"
+                f"background: no label file, or an empty one){_misplaced_hint(index.misplaced)}; put the labels in "
+                f"labels/ beside images/ or fix `{split}`"
             )
-        checked[split] = (index, key, orphans)
-    for split, (index, key, orphans) in checked.items():
-        _report(index, key, split, orphans)
-    return {split: index for split, (index, _, _) in checked.items()}
+        checked[split] = (index, key)
+    for split, (index, key) in checked.items():
+        _report(index, key, split)
+    (train, train_key), (val, val_key) = checked["train"], checked["val"]
+    if (train_key + val_key, "train+val") not in _WARNED:
+        _WARNED.add((train_key + val_key, "train+val"))
+        same = _same_content([r.path for r in val.records], [r.path for r in train.records])
+        if same:
+            LOG.warning("%d val images are also in train (the same file content, e.g. %s and %s); they inflate the "
+                        "val mAP: remove them from one split", len(same), *same[0])
+    return {split: index for split, (index, _) in checked.items()}
 
 
-def _orphan_labels(images: Iterable[Path], label_dirs: Iterable[Path]) -> list[Path]:
-    expected = {label_path(p) for p in images}
-    orphans = []
-    for d in label_dirs:
-        if d.is_dir():
-            orphans += [p for p in sorted(d.glob("*.txt")) if p not in expected]
-    return orphans
+def _same_content(files: Sequence[Path], others: Sequence[Path]) -> list[tuple[Path, Path]]:
+    """(file, other) pairs with identical bytes, one per file of `files`: sizes first, sha256 where sizes agree."""
+    def by_size(paths: Sequence[Path]) -> dict[int, list[Path]]:
+        sizes: dict[int, list[Path]] = {}
+        for path in paths:
+            with contextlib.suppress(OSError):  # gone since it was checked: nothing to compare
+                sizes.setdefault(path.stat().st_size, []).append(path)
+        return sizes
+
+    mine, theirs = by_size(files), by_size(others)
+    pairs = []
+    for size in sorted(mine.keys() & theirs.keys()):
+        digests: dict[str, Path] = {}
+        for path in theirs[size]:
+            digests.setdefault(_sha256(path), path)
+        for path in mine[size]:
+            if (match := digests.get(_sha256(path))) is not None:
+                pairs.append((path, match))
+    return sorted(pairs)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError:
+        return f"unreadable {path}"  # never equal to another file's digest
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -419,16 +632,18 @@ def _orphan_labels(images: Iterable[Path], label_dirs: Iterable[Path]) -> list[P
 
 
 def load_image(path: Path, imgsz: int) -> np.ndarray:
-    """Decoded RGB image (H, W, 3) uint8, EXIF-oriented, resized so its long side is `imgsz` (aspect kept)."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        im = im.convert("RGB")
-        w0, h0 = im.size
-        r = imgsz / max(h0, w0)
-        if r != 1:
-            size = (max(1, round(w0 * r)), max(1, round(h0 * r)))
-            im = im.resize(size, Image.BILINEAR)
-        return np.asarray(im).copy()
+    """Decoded RGB image (H, W, 3) uint8, EXIF-oriented, resized so its long side is `imgsz` (aspect kept).
+
+    Decoding follows YOLOv5's cv2.imread by mode and bit depth (`nas.images.read_rgb`: 16-bit keeps its high byte);
+    raises UnreadableImage for a file that has no such reading.
+    """
+    pixels = read_rgb(path).pixels
+    h0, w0 = pixels.shape[:2]
+    r = imgsz / max(h0, w0)
+    if r == 1:
+        return pixels
+    size = (max(1, round(w0 * r)), max(1, round(h0 * r)))
+    return np.asarray(Image.fromarray(pixels).resize(size, Image.BILINEAR)).copy()
 
 
 def letterbox(img: np.ndarray, shape: tuple[int, int], scaleup: bool = True):

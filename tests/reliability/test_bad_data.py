@@ -7,7 +7,8 @@ the value and the fix, exit code 2, and nothing written: no study, no output fol
 label cache goes to REPNAS_CACHE_DIR, never beside the data.
 
 Images without a label file are YOLO backgrounds: kept on purpose (see nas/data.py's docstring) and counted in the
-split's summary line.
+split's summary line. Label files the lookup rule misses or finds only by ignoring letter case are named once, with
+the path the rule expects; images in both train and val are counted once.
 """
 
 from __future__ import annotations
@@ -146,6 +147,40 @@ def test_per_file_problems_are_warned_skipped_and_the_rest_trains(work, capsys, 
                                          "file and reason, skipped, the rest trained; backgrounds kept")
 
 
+def test_label_files_out_of_place_are_named_once_and_counted(work, reliability_report):
+    data = make_dataset(work / "ds")  # val's three images are copies of train's first three
+    root = data.parent
+    labels, images = root / "labels" / "train", root / "images" / "train"
+    (labels / "0.txt").rename(labels / "0.TXT")  # found only by ignoring case: used
+    (labels / "1.txt").rename(images / "1.txt")  # beside the image, where YOLOv5 does not look: not used
+    (labels / "2.txt").write_bytes(b"\xef\xbb\xbf" + GOOD_LABEL.encode())  # a byte-order mark: read
+    before = tree(root)
+
+    done = _cli_process(_train(data), work)
+
+    code, err = done.returncode, done.stderr.splitlines()
+    assert code == 0, err[-5:]
+    expected = {
+        "case-only match used": f"{images}: 1 label files of train images differ from YOLOv5's label path only in "
+                                f"letter case (e.g. {labels}/0.TXT, expected {labels}/0.txt); they are used, but "
+                                "YOLOv5 on Linux would not find them: rename them",
+        "label elsewhere named": f"{images}: 1 train images have a label file where YOLOv5's rule does not look (e.g. "
+                                 f"{images}/1.txt, expected {labels}/1.txt); not used, these images train as "
+                                 "backgrounds: move them there",
+        "train/val duplicates": f"3 val images are also in train (the same file content, e.g. {root}/images/val/0.png "
+                                f"and {images}/0.png); they inflate the val mAP: remove them from one split",
+        "summary counts both": f"train: 6 images, 10 boxes, 1 backgrounds, 1 with a label file elsewhere (e.g. "
+                               f"{images}/1.txt), 0 skipped",
+    }
+    held = [rule for rule, line in expected.items() if err.count(line) == (1 if "summary" not in rule else 2)]
+    assert held == list(expected), ([r for r in expected if r not in held], err)
+    assert not any("skipped:" in line or "have no image" in line for line in err)  # the BOM label was read
+    assert tree(root) == before
+    reliability_report("label lookup", f"{len(held)}/{len(expected)} label-file rules through `repnas train`: a "
+                                       "letter-case match used, a label the rule misses named with its expected path, "
+                                       "train/val duplicates counted, each warned once; a BOM label read")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # nothing usable: one line, exit 2, nothing written
 
@@ -173,12 +208,23 @@ def _every(split: str, what: str, write: Callable[[Path], None]) -> Callable[[Pa
     return edit
 
 
+def _labels_beside_images(data: Path) -> None:
+    labels = data.parent / "labels" / "train"
+    for path in sorted(labels.iterdir()):
+        path.rename(data.parent / "images" / "train" / path.name)
+    labels.rmdir()
+
+
 UNUSABLE = {  # rule: (change to a good dataset, expected parts after the data.yaml path)
     "missing split folder": (lambda d: _drop(d.parent / "images" / "val"),
                              ["field 'val'", "images/val does not exist", "fix `val` (relative to `path`"]),
     "missing labels folder": (lambda d: _drop(d.parent / "labels"),
                               ["train split: labels folder", "labels/train does not exist",
                                "add the labels or fix the split's path"]),
+    "labels beside the images, not in labels/": (
+        _labels_beside_images,
+        ["train split: labels folder", "labels/train does not exist", "6 images have a label file where YOLOv5's "
+         "rule does not look (e.g. ", "images/train/0.txt, expected ", "move the label files there"]),
     "names/nc mismatch": (_edit_yaml(nc=5), ["field 'nc': 5 but names lists 2 classes",
                                              "make them agree (or drop nc)"]),
     "nc not a number": (_edit_yaml(nc="two"), ["field 'nc': 'two' but names lists 2 classes", "make them agree"]),
