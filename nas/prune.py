@@ -155,7 +155,6 @@ def prune_job(model: nn.Module, data: DataConfig | None, target: float | str, *,
     dev = resolve_device(device)
     seconds: dict[str, float] = {}
     source = copy.deepcopy(model).to(dev).eval()
-    map_before = _map(source, data, eval_imgsz, dev) if data is not None and evaluate_before else None
 
     start = time.perf_counter()
     if importance == "taylor" and data is None:
@@ -176,6 +175,8 @@ def prune_job(model: nn.Module, data: DataConfig | None, target: float | str, *,
                             calibration=[(x.to(dev), t) for x, t in batches] if importance == "taylor" else None,
                             loss_fn=loss_fn)
     seconds["prune"] = time.perf_counter() - start
+    # the source's mAP once pruning succeeded (on a copy): an unreachable target fails before any evaluation
+    map_before = _map(source, data, eval_imgsz, dev) if data is not None and evaluate_before else None
     pruned = result.model.eval()
     map_pruned = _map(pruned, data, eval_imgsz, dev) if data is not None else None
 

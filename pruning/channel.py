@@ -13,7 +13,8 @@ is one uniform pruning ratio for all groups, found by bisection so that the depl
         channels; prune; recount with count_gflops
 
 Kept out of the pruned set: Detect's output convs (their output channels are the predictions), SE's squeeze convs
-(`se.down`: their few neurons are neither rounded nor emptied; `se.up` follows its block) and grouped convs.
+(`se.down`: their few neurons are neither rounded nor emptied; `se.up` follows its block) and grouped convs with
+every conv coupled to their channels (a target below what the rest can reach is refused naming them).
 Every pruned conv keeps a multiple of `round_to` output channels, at least `round_to`.
 """
 
@@ -36,6 +37,7 @@ from space.errors import RepnasError
 
 IMPORTANCES = ("l1", "l2", "taylor", "random")
 MIN_FRACTION = 0.01  # targets below 1% of the unpruned GFLOPs are refused
+GROUPED_SHOWN = 3  # grouped convs named in the unreachable-target error, then a count
 TRACE_SIZE = 64  # input side for tracing the dependency graph (shapes only; any multiple of the max stride works)
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (images (B, 3, H, W) float 0..1, targets (N, 6) [img, cls, x, y, w, h])
@@ -357,6 +359,23 @@ def _apply(dg, groups: list[_Group], removed: list[int], importance: Importance)
         dg.get_pruning_group(group.root, pruner.prune_out_channels, sorted(idxs)).prune()
 
 
+def _unreachable(model: nn.Module, target: float | str, target_gflops: float, floor: float, gflops_before: float,
+                 imgsz: tuple[int, int], round_to: int) -> str:
+    """The one-line refusal of a target below `floor`, the smallest deploy GFLOPs the groups can reach: why the
+    floor is where it is, naming the grouped convs (never pruned, nor the convs coupled to them) when there are."""
+    grouped = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    shown = ", ".join(grouped[:GROUPED_SHOWN]) + (f" and {len(grouped) - GROUPED_SHOWN} more"
+                                                  if len(grouped) > GROUPED_SHOWN else "")
+    why = "every pruned conv keeps at least round_to channels; Detect's output convs and SE squeeze convs stay"
+    if grouped:
+        why += (f"; grouped convolutions are never pruned, nor the convs whose channels they share: {len(grouped)} "
+                f"grouped conv{'s' if len(grouped) > 1 else ''} ({shown})")
+    (h, w), least = imgsz, f"{floor:.4g} deploy GFLOPs ({floor / gflops_before:.1%})"
+    return (f"target={target!r} ({target_gflops:.4g} GFLOPs, {target_gflops / gflops_before:.1%}) is below the "
+            f"smallest reachable {least} at imgsz {h}x{w} with round_to={round_to} ({why}); raise the target to at "
+            f"least {least} or lower round_to" + (", or build the grouped layers with groups=1" if grouped else ""))
+
+
 def _ignored(model: nn.Module, keep: Iterable[str]) -> list[nn.Module]:
     modules = dict(model.named_modules())
     ignored: list[nn.Module] = list(model.detect.m)
@@ -460,12 +479,7 @@ def prune_to_flops(
         if check_reachable:
             floor = flops.gflops(groups, [g.channels - g.levels[-1] for g in groups]) + rest
             if target_gflops < floor * (1 - tolerance):
-                raise PruneError(
-                    f"target {target_gflops:.4g} GFLOPs ({target_gflops / gflops_before:.1%}) is below the smallest "
-                    f"reachable {floor:.4g} GFLOPs ({floor / gflops_before:.1%}) at imgsz {h}x{w} with "
-                    f"round_to={round_to} (every pruned conv keeps at least round_to channels; Detect and SE squeeze "
-                    "convs stay); raise the target or lower round_to"
-                )
+                raise PruneError(_unreachable(model, target, target_gflops, floor, gflops_before, (h, w), round_to))
         removed, _ = _search(groups, flops, goal - rest, tolerance / 4)
         if any(removed):
             if batches:

@@ -68,6 +68,42 @@ def test_bad_sources_and_targets_exit_2(study, tmp_path, capsys):
         load_source("tiny:0")
 
 
+def test_target_below_what_grouped_convs_allow_exits_2_naming_them(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from pruning.reparam import fuse_model
+    from space.builder import build_model
+    from tests.pruning.test_channel import grouped_yaml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "grouped.yaml").write_text(yaml.safe_dump(grouped_yaml(nc=2)))
+    torch.manual_seed(0)
+    torch.save(fuse_model(build_model(grouped_yaml(nc=2))).state_dict(), tmp_path / "fused.pt")
+    assert main(["prune", "grouped.yaml", "--weights", "fused.pt", "--target-flops", "20%", "--imgsz", "64",
+                 "--importance", "l2", "--no-eval", "--device", "cpu", "--out", "out", "--quiet"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("repnas prune: error: target='20%' ("), lines
+    assert "below the smallest reachable" in lines[0] and "deploy GFLOPs" in lines[0]
+    assert "grouped convolutions are never pruned" in lines[0] and "model.2.rbr_reparam" in lines[0]
+    assert "Traceback" not in captured.err and not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_target_fails_before_any_evaluation(monkeypatch):
+    from nas import prune
+    from pruning.channel import PruneError
+    from pruning.reparam import fuse_model
+    from space.builder import build_model
+    from tests.pruning.test_channel import grouped_yaml
+
+    evaluated = []
+    monkeypatch.setattr(prune, "_map", lambda *a: evaluated.append(a) or (0.0, 0.0))
+    model = fuse_model(build_model(grouped_yaml(nc=2)))
+    with pytest.raises(PruneError, match="grouped convolutions are never pruned"):
+        prune.prune_job(model, object(), "20%", imgsz=64, importance="l2", device="cpu", measure=False)
+    assert evaluated == []
+
+
 def test_search_with_prune_to_ranks_pruned_models(settings, tmp_path):
     from nas.pareto import pareto_table
     from nas.study import trial_records

@@ -1,4 +1,5 @@
 import math
+import re
 
 import optuna
 import pytest
@@ -241,6 +242,33 @@ def test_unreachable_target_is_a_clear_error(tiny_fused):
     with pytest.raises(PruneError, match=r"below the smallest reachable .* with round_to=8 .* lower round_to"):
         prune_to_flops(tiny_fused, "10%", 64)
     assert abs(prune_to_flops(tiny_fused, "20%", 64).error) <= 0.02  # reachable: the floor is near 16%
+
+
+def grouped_yaml(nc: int = 3) -> dict:
+    """tiny_yaml with 4 grouped convs (groups=4): model.2, the two blocks of model.3, model.6."""
+    model_yaml = tiny_yaml(nc)
+    model_yaml["backbone"][2] = [-1, 1, "RepVGGBlock", [32, 3, 2, 1, 1, 4]]
+    model_yaml["backbone"][3] = [-1, 2, "RepVGGBlock", [32, 3, 1, 1, 1, 4]]
+    model_yaml["backbone"][6] = [-1, 1, "RepVGGBlock", [64, 3, 2, 1, 1, 4]]
+    return model_yaml
+
+
+def test_target_below_what_grouped_convs_allow_names_them_and_the_reachable_floor():
+    torch.manual_seed(0)
+    model = fuse_model(build_model(grouped_yaml()))
+    with pytest.raises(PruneError) as err:
+        prune_to_flops(model, "20%", 64)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("target='20%' (")
+    assert ("grouped convolutions are never pruned, nor the convs whose channels they share: 4 grouped convs "
+            "(model.2.rbr_reparam, model.3.0.rbr_reparam, model.3.1.rbr_reparam and 1 more)") in message
+    assert message.endswith("or lower round_to, or build the grouped layers with groups=1")
+    floor = float(re.search(r"smallest reachable ([0-9.e-]+) deploy GFLOPs", message).group(1))
+    result = prune_to_flops(model, f"{floor}G", 64)  # the floor it names is reachable
+    assert abs(result.error) <= 0.02
+    grouped = {n for n, m in _convs(model).items() if m.groups > 1}
+    assert all(result.channels[n][0] == result.channels[n][1] for n in grouped)  # never pruned
+    assert any(before != after for before, after in result.channels.values())
 
 
 def test_bad_arguments_are_clear_errors(tiny_fused):
