@@ -176,6 +176,9 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
                    help=f"latency input batch size (default {DEFAULTS['latency_batch']})")
     p.add_argument("--batch", type=positive_int,
                    help=f"proxy training batch size (default {proxy.batch}, the demo {demo['batch']})")
+    p.add_argument("--proxy", nargs="+", type=proxy_setting, metavar="KEY=VALUE", default=[],
+                   help="any other proxy training setting, a ProxyConfig field (nas/train.py), nested with dots: "
+                        "fraction=0.5 obj_ref_imgsz=160 loss.obj=2 augment.mosaic=0.5 lr0=0.004 seed=1")
     p.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default {DEFAULTS['device']})")
     p.add_argument("--baseline", help="baseline: a YAML of Arch params or a model YAML (default: the seed)")
     p.add_argument("--max-failures", type=positive_int,
@@ -248,12 +251,47 @@ def add_confirm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
+def proxy_setting(text: str) -> tuple[tuple[str, ...], object]:
+    """'loss.obj=2' -> (("loss", "obj"), 2): a ProxyConfig field path and its value, read as a YAML scalar
+    (yaml.safe_load: numbers, true/false, null, plain strings)."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    path = tuple(part.strip() for part in key.split("."))
+    if not sep or not all(path) or len(path) > 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: give KEY=VALUE with a ProxyConfig field as KEY (nested once "
+                                         "with a dot, e.g. loss.obj=2)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict, list)):
+        raise argparse.ArgumentTypeError(f"{text!r}: the value must be a number, true/false, null or a word")
+    return path, value
+
+
+def proxy_changes(args: argparse.Namespace) -> dict:
+    """The proxy settings `search`/`resume` options give: --epochs/--imgsz/--batch/--val-every and --proxy KEY=VALUE
+    (nested dict; a key given twice is a usage error)."""
+    given = (("epochs", args.epochs), ("imgsz", args.imgsz), ("batch", args.batch), ("val_every", args.val_every))
+    proxy: dict = {k: v for k, v in given if v is not None}
+    for path, value in getattr(args, "proxy", None) or []:
+        node = proxy
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--proxy {'.'.join(path)}: {part} is not a group of settings")
+        if path[-1] in node:
+            raise UsageError(f"--proxy {'.'.join(path)}={value}: that proxy setting is given twice; give it once")
+        node[path[-1]] = value
+    return proxy
+
+
 def study_settings(args: argparse.Namespace):
     """The StudySettings the options of `search`/`resume` give (None: not given, the stored value or the default)."""
     from nas.study import StudySettings
 
-    given = (("epochs", args.epochs), ("imgsz", args.imgsz), ("batch", args.batch), ("val_every", args.val_every))
-    proxy = {k: v for k, v in given if v is not None}
+    proxy = proxy_changes(args)
     return StudySettings(
         name=args.study, storage=args.storage, data=args.data, space=args.space, trials=args.trials, seed=args.seed,
         sampler=args.sampler, proxy=proxy or None, latency_imgsz=args.latency_imgsz,

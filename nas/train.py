@@ -56,6 +56,7 @@ class ProxyConfig:
     imgsz: int = 160
     batch: int = 16
     fraction: float = 1.0  # of the train split, a seeded subset
+    val_fraction: float = 1.0  # of the val split used for validation, one fixed subset (seed 0) for every run
     val_every: int = 5  # validate every k epochs (and always after the last)
     device: str = "auto"
     workers: int | None = None  # None: 0 on CPU, min(8, cores) on CUDA
@@ -75,6 +76,7 @@ class ProxyConfig:
     amp: bool = True  # on CUDA only
     cache_images: bool = True
     quiet: bool = False
+    obj_ref_imgsz: int | None = None  # objectness gain = loss.obj x (this / 640)^2; None: imgsz (YOLOv5's rule)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(scale=0.25))
     loss: LossHyp = field(default_factory=LossHyp)
 
@@ -93,11 +95,14 @@ class ProxyConfig:
             (self.imgsz >= 32 and self.imgsz % 32 == 0, f"imgsz={self.imgsz} must be a multiple of 32"),
             (self.batch >= 1, f"batch={self.batch} must be >= 1"),
             (0 < self.fraction <= 1, f"fraction={self.fraction} must be in (0, 1]"),
+            (0 < self.val_fraction <= 1, f"val_fraction={self.val_fraction} must be in (0, 1]"),
             (self.val_every >= 1, f"val_every={self.val_every} must be >= 1"),
             (self.optimizer in ("SGD", "AdamW"), f"optimizer={self.optimizer!r} must be 'SGD' or 'AdamW'"),
             (self.lr0 > 0 and 0 < self.lrf <= 1, f"lr0={self.lr0} must be > 0 and lrf={self.lrf} in (0, 1]"),
             (self.warmup_epochs >= 0, f"warmup_epochs={self.warmup_epochs} must be >= 0"),
             (self.workers is None or self.workers >= 0, f"workers={self.workers} must be >= 0"),
+            (self.obj_ref_imgsz is None or (isinstance(self.obj_ref_imgsz, int) and self.obj_ref_imgsz >= 32),
+             f"obj_ref_imgsz={self.obj_ref_imgsz} must be an image size >= 32 or null (the training imgsz)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -237,7 +242,9 @@ def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = Prox
     workers = cfg.workers if cfg.workers is not None else (min(8, torch.get_num_threads()) if device.type == "cuda"
                                                            else 0)
     train_set = YoloDataset(records, cfg.imgsz, augment=True, hyp=cfg.augment, cache_images=cfg.cache_images)
-    val_set = YoloDataset(index_split(data_cfg.val, data_cfg.nc, "val", str(data_cfg.source)).records, cfg.imgsz,
+    val_records = subset_records(index_split(data_cfg.val, data_cfg.nc, "val", str(data_cfg.source)).records,
+                                 cfg.val_fraction, 0)
+    val_set = YoloDataset(val_records, cfg.imgsz,
                           rect=True, batch_size=cfg.batch * 2, stride=stride, cache_images=cfg.cache_images)
     loader = make_loader(train_set, cfg.batch, shuffle=True, workers=workers, seed=cfg.seed)
 
@@ -253,7 +260,7 @@ def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = Prox
         optimizer = torch.optim.SGD(groups, lr=cfg.lr0, momentum=cfg.momentum, nesterov=True)
     lf = _lr_lambda(cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
-    loss_fn = DetectionLoss(model, cfg.loss.scaled(detect.nl, detect.nc, cfg.imgsz))
+    loss_fn = DetectionLoss(model, cfg.loss.scaled(detect.nl, detect.nc, cfg.obj_ref_imgsz or cfg.imgsz))
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     ema = ModelEMA(model, cfg.ema_decay, cfg.ema_tau)

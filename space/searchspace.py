@@ -263,7 +263,17 @@ DEFAULT_SPACE = "default"
 
 
 def default_space_path() -> Path:
-    return Path(str(resources.files("space.spaces").joinpath("default.yaml")))
+    return builtin_space_path(DEFAULT_SPACE)
+
+
+def builtin_space_path(name: str) -> Path:
+    """The YAML of a built-in space by name (space/spaces/NAME.yaml: "default", "small")."""
+    return Path(str(resources.files("space.spaces").joinpath(f"{name}.yaml")))
+
+
+def builtin_spaces() -> list[str]:
+    """The names of the built-in spaces."""
+    return sorted(p.name[:-5] for p in resources.files("space.spaces").iterdir() if p.name.endswith(".yaml"))
 
 
 def _fail(where: str, field_: str, value: Any, rule: str) -> SpaceConfigError:
@@ -408,12 +418,15 @@ def _check_budgets_reachable(space: Space) -> None:
 
 
 def load_space(path: str | Path | None = None) -> Space:
-    """Load a space YAML; None or "default" loads the built-in default space.
+    """Load a space YAML; None or "default" loads the built-in default space, and a bare name of a built-in space
+    that is not a file here (e.g. "small") loads that one.
 
     Budgets are checked against the space's cheapest Arch here, so a space no Arch of which fits fails at load
     time rather than after a study has started (`parse_space` alone does not build models)."""
     if path is None or str(path) == DEFAULT_SPACE:
         path = default_space_path()
+    elif str(path) in builtin_spaces() and not Path(path).is_file():
+        path = builtin_space_path(str(path))
     space = parse_space(read_yaml(path, SpaceConfigError), str(path))
     if space.max_params is not None or space.max_gflops is not None:
         _check_budgets_reachable(space)

@@ -25,7 +25,7 @@ from nas.earlystop import EarlyStopConfig
 from nas.latency import LatencyConfig
 from nas.train import ProxyConfig
 from space.errors import RepnasError, SpaceConfigError
-from space.searchspace import Arch, Space, load_space, seed_arch
+from space.searchspace import Arch, Space, builtin_spaces, load_space, seed_arch
 from space.yamlio import read_yaml
 
 
@@ -175,7 +175,19 @@ def _merge_nested(base: dict, changes: dict) -> dict:
 
 def resolved_proxy(changes: dict | None, base: dict | None = None) -> dict:
     """Every ProxyConfig field (but device and quiet) with `changes` applied to `base` (None: today's defaults)."""
-    base = base if base is not None else {k: v for k, v in ProxyConfig().to_dict().items() if k not in _NOT_PROXY}
+    defaults = ProxyConfig().to_dict()
+    base = base if base is not None else {k: v for k, v in defaults.items() if k not in _NOT_PROXY}
+    for key, value in (changes or {}).items():
+        if key in _NOT_PROXY:  # the study's own settings (device, quiet), dropped here as before
+            continue
+        nested = isinstance(defaults.get(key), dict)
+        unknown = [key] if key not in defaults else ([f"{key}.{k}" for k in value if k not in defaults[key]]
+                                                  if nested and isinstance(value, dict) else [])
+        if unknown:
+            fields = ", ".join(f"{key}.{k}" for k in defaults[key]) if nested and key in defaults else ", ".join(
+                k for k in defaults if k not in _NOT_PROXY)
+            raise StudyError(f"proxy setting {unknown[0]!r} is not a ProxyConfig field (nas/train.py); known: "
+                             f"{fields}")
     merged = _merge_nested(base, {k: v for k, v in (changes or {}).items() if k not in _NOT_PROXY})
     try:
         ProxyConfig(**merged)
@@ -219,7 +231,9 @@ def _normalise(key: str, value: Any) -> Any:
     """Paths become absolute so a study resumed from another folder compares and finds the same files."""
     if value is None:
         return None
-    if key in ("data", "baseline", "artifacts") or (key == "space" and value != "default"):
+    if key == "space" and str(value) in builtin_spaces() and not Path(value).is_file():
+        return str(value)  # a built-in space by name ("default", "small")
+    if key in ("data", "baseline", "artifacts", "space"):
         return str(Path(value).expanduser().resolve())
     if key in ("proxy", "latency", "early_stop"):
         return _plain(value)

@@ -76,3 +76,28 @@ def test_console_script_help_everywhere():
         result = subprocess.run([sys.executable, "-m", "nas.cli", *argv], capture_output=True, text=True,
                                 check=False)
         assert result.returncode == 0 and "usage: repnas" in result.stdout
+
+
+def test_search_proxy_option_sets_any_proxy_field_nested_with_dots():
+    from nas import cli_args
+    from nas.cli import make_parser
+
+    args = make_parser().parse_args(["search", "--epochs", "3", "--proxy", "fraction=0.5", "loss.obj=2",
+                                     "obj_ref_imgsz=160", "augment.mosaic=0.5", "optimizer=SGD", "seed=1"])
+    assert cli_args.proxy_changes(args) == {"epochs": 3, "fraction": 0.5, "loss": {"obj": 2},
+                                            "obj_ref_imgsz": 160, "augment": {"mosaic": 0.5},
+                                            "optimizer": "SGD", "seed": 1}
+    twice = make_parser().parse_args(["search", "--epochs", "3", "--proxy", "epochs=4"])
+    with pytest.raises(cli_args.UsageError, match="epochs=4: that proxy setting is given twice"):
+        cli_args.proxy_changes(twice)
+    for bad in ("fraction", "=1", "a.b.c=1", "loss.obj=[1, 2]"):
+        with pytest.raises(SystemExit):
+            make_parser().parse_args(["search", "--proxy", bad])
+
+
+def test_an_unknown_proxy_setting_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "--study", "x", "--proxy", "bogus=1", "--trials", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bogus" in err
+    assert not (tmp_path / "results" / "x").exists()

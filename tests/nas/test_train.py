@@ -203,3 +203,34 @@ def test_persistent_non_finite_gradients_raise(tiny_data):
     _poison_gradients(model, [], every=True)
     with pytest.raises(TrainingDiverged, match=r"gradients were non-finite for 5 steps in a row"):
         fit(model, tiny_data, ProxyConfig(**FAST | {"epochs": 4}))
+
+
+def test_obj_ref_imgsz_sets_the_objectness_gain_and_val_fraction_a_fixed_val_subset(tiny_data, monkeypatch):
+    import nas.train as train_mod
+
+    gains, val_sizes = [], []
+    real_loss, real_eval = train_mod.DetectionLoss, train_mod.evaluate
+
+    def loss(model, hyp):
+        gains.append(hyp.obj)
+        return real_loss(model, hyp)
+
+    def evaluate(model, dataset, *args, **kwargs):
+        val_sizes.append([str(r.path) for r in dataset.records])
+        return real_eval(model, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "DetectionLoss", loss)
+    monkeypatch.setattr(train_mod, "evaluate", evaluate)
+    one = FAST | {"epochs": 1}
+    fit(build_model(tiny_yaml(nc=3)), tiny_data, ProxyConfig(**one))  # YOLOv5: obj x (imgsz / 640)^2 x 3 / nl
+    fit(build_model(tiny_yaml(nc=3)), tiny_data, ProxyConfig(**one, obj_ref_imgsz=160, val_fraction=0.5))
+    fit(build_model(tiny_yaml(nc=3)), tiny_data, ProxyConfig(**one, seed=5, val_fraction=0.5))
+    nl = build_model(tiny_yaml(nc=3)).detect.nl
+    assert gains == pytest.approx([(64 / 640) ** 2 * 3 / nl, (160 / 640) ** 2 * 3 / nl, (64 / 640) ** 2 * 3 / nl])
+    full, half, half_other_seed = val_sizes
+    assert len(half) == round(len(full) / 2) and set(half) < set(full)
+    assert half == half_other_seed  # one subset for every training seed: their mAPs compare
+    with pytest.raises(ValueError, match="obj_ref_imgsz=16"):
+        ProxyConfig(obj_ref_imgsz=16)
+    with pytest.raises(ValueError, match="val_fraction=0"):
+        ProxyConfig(val_fraction=0)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import optuna
 import pytest
 import torch
@@ -202,3 +204,18 @@ def test_load_space_names_the_file(tmp_path):
     path.write_text("stages: 3\n")
     with pytest.raises(SpaceConfigError, match=rf"^{path}: field 'stages'"):
         load_space(path)
+
+
+def test_the_small_space_is_a_built_in_corner_of_the_default_space(tmp_path, monkeypatch):
+    from space.searchspace import builtin_spaces
+
+    assert {"default", "small"} <= set(builtin_spaces())
+    small, default = load_space("small"), load_space("default")
+    for s, d in zip(small.stages, default.stages):
+        assert set(s.depth) <= set(d.depth) and set(s.width) <= set(d.width) and set(s.se) <= set(d.se)
+    assert set(small.head_width) <= set(default.head_width) and set(small.head_depth) <= set(default.head_depth)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "small").mkdir()  # a folder of that name here: still the built-in (a path must be a file)
+    assert load_space("small").source == small.source
+    (tmp_path / "my.yaml").write_text(Path(small.source).read_text())
+    assert load_space("my.yaml").source.endswith("my.yaml")

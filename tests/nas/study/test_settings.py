@@ -42,3 +42,12 @@ def test_resume_changes_one_proxy_field_and_refuses_short_leases(settings, capsy
     assert "proxy: {" in err and "'epochs': 1" in err and "'epochs': 2" in err
     assert "stale_after=10.0 must be at least 90 s" in err and "no study 'no-such-study'" in err
     assert not (Path("results") / "no-such-study").exists()
+
+
+def test_a_built_in_space_is_stored_by_name_and_a_file_by_absolute_path(tmp_path, monkeypatch):
+    from nas.study.settings import _normalise
+
+    monkeypatch.chdir(tmp_path)
+    assert _normalise("space", "small") == "small" and _normalise("space", "default") == "default"
+    (tmp_path / "small").write_text("a space file named like the built-in one wins")
+    assert _normalise("space", "small") == str(tmp_path / "small")

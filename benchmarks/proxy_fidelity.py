@@ -1,0 +1,437 @@
+"""How far a proxy ranks architectures as a longer training does: every proxy trains the same committed Archs
+(stratified by deploy GFLOPs over `space/spaces/small.yaml`), the reference retrains them at 120 epochs, 160 px.
+
+    python benchmarks/proxy_fidelity.py pick                  # once: choose the Archs -> proxy_fidelity/archs.yaml
+    python benchmarks/proxy_fidelity.py pilot [--dataset synth]   # 1-epoch host study: projected CPU-hours
+    python benchmarks/proxy_fidelity.py run --dataset synth [--only NAME ...] [--hours H]   # resumable
+    python benchmarks/proxy_fidelity.py report [--dataset synth]   # τ-b tables, paired bootstrap, terciles
+
+Built on the product's commands: a proxy is a study (`repnas search --space small --enqueue A1.yaml ..
+--no-early-stop --proxy seed=S ...`, one per training seed, the seed Arch as its baseline); the reference and
+the 60-epoch default row are `repnas confirm` runs on the 1-epoch host study (`--epochs 120 --seeds 0 1`).
+Every finished (dataset, proxy, seed, Arch) run is appended to proxy_fidelity/runs.jsonl (committed), so a
+session that stops loses at most the runs in flight: `run` resumes the studies in proxy_fidelity/work/ (not
+committed) and, if that folder is gone, starts studies for the missing runs only. Each command runs
+single-threaded (OMP_NUM_THREADS=1, torch 1 thread) so that it can run beside other work on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parent / "proxy_fidelity"
+ARCHS = HERE / "archs.yaml"
+RUNS = HERE / "runs.jsonl"
+WORK = HERE / "work"
+SPACE = "small"
+N_ARCHS = 12
+LAST_K = 3  # "mean of the last k validations"
+
+# The seed of the small space: the hand design's shape (depths 1-2-4-x-1, widths doubling, no SE) at the space's
+# widest widths, P4 at its deepest (8: the hand design's 14 is outside the cheap corner), the wider head.
+SEED = {"P1_depth": 1, "P1_width": 32, "P1_se": False, "P2_depth": 2, "P2_width": 48, "P2_se": False,
+        "P3_depth": 4, "P3_width": 96, "P3_se": False, "P4_depth": 8, "P4_width": 192, "P4_se": False,
+        "P5_depth": 1, "P5_width": 384, "P5_se": False, "head_width": 0.5, "head_depth": 1}
+
+# Reference and confirm budgets on the host study (the default --data proxy otherwise: lr0, loss, val_every 5).
+REFERENCE = {"epochs": 120, "imgsz": 160, "seeds": (0, 1)}
+CONFIRM_ROWS = {"reference": REFERENCE, "default60": {"epochs": 60, "imgsz": 160, "seeds": (0, 1)}}
+HOST = {"epochs": 1, "imgsz": 160}  # the host study: 1 epoch at 160 px (also the pilot, and a row of its own)
+
+# Proxies: `repnas search` proxy options. Cost relative to the reference ~ epochs x imgsz^2 x fraction / (120 x 160^2).
+PROXIES: dict[str, list[str]] = {
+    "demo": ["--epochs", "10", "--imgsz", "64", "--val-every", "2", "--proxy", "lr0=0.004", "loss.obj=6.25"],
+    "e15-160": ["--epochs", "15", "--imgsz", "160", "--val-every", "3"],
+    "e30-96": ["--epochs", "30", "--imgsz", "96", "--val-every", "5"],
+    "e30-96-obj160": ["--epochs", "30", "--imgsz", "96", "--val-every", "5", "--proxy", "obj_ref_imgsz=160"],
+    "e20-128": ["--epochs", "20", "--imgsz", "128", "--val-every", "4"],
+    "e20-128-obj160": ["--epochs", "20", "--imgsz", "128", "--val-every", "4", "--proxy", "obj_ref_imgsz=160"],
+    "e30-160-frac50": ["--epochs", "30", "--imgsz", "160", "--val-every", "5", "--proxy", "fraction=0.5"],
+    "e15-160-val50": ["--epochs", "15", "--imgsz", "160", "--val-every", "3", "--proxy", "val_fraction=0.5"],
+}
+SEEDS = {"synth": (0, 1), "raccoon": (0,)}
+
+
+def data_yaml(dataset: str) -> str:
+    if dataset == "synth":
+        from nas.synth import default_dataset
+
+        return str(default_dataset())
+    shared = Path(os.environ.get("REPNAS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    return str(shared / "data" / "raccoon" / "data.yaml")
+
+
+def arch_key(params: dict) -> str:
+    return json.dumps({k: params[k] for k in sorted(params)}, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- pick
+def pick(seed: int = 0, pool: int = 400) -> None:
+    """Sample `pool` Archs of the small space, split deploy GFLOPs (640 px) into N_ARCHS equal-count strata and take
+    the Arch nearest each stratum's median; write them with the seed Arch."""
+    import optuna
+
+    from space.searchspace import Arch, arch_cost, load_space, sample_arch
+
+    space = load_space(SPACE)
+    seed_arch = Arch.from_params(SEED, space)
+    sampler = optuna.samplers.RandomSampler(seed=seed)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=sampler)
+    seen, cands = {arch_key(SEED)}, []
+    for _ in range(pool):
+        trial = study.ask()
+        arch = sample_arch(trial, space)
+        key = arch_key(arch.to_params())
+        if key not in seen:
+            seen.add(key)
+            cands.append((arch_cost(arch, 640, 80)[1], arch.to_params()))
+        study.tell(trial, 0.0)
+    cands.sort(key=lambda c: c[0])
+    strata = np.array_split(np.arange(len(cands)), N_ARCHS)
+    chosen = [cands[int(s[len(s) // 2])] for s in strata]
+    out = {"space": SPACE, "how": f"{len(cands)} distinct random Archs (seed {seed}), {N_ARCHS} equal-count deploy-"
+           "GFLOPs strata at 640 px, the median of each; plus the seed", "archs": {}}
+    out["archs"]["seed"] = {"gflops_640": round(arch_cost(seed_arch, 640, 80)[1], 3), "params": SEED}
+    for i, (gflops, params) in enumerate(chosen):
+        out["archs"][f"a{i:02d}"] = {"gflops_640": round(gflops, 3), "params": params}
+    HERE.mkdir(parents=True, exist_ok=True)
+    ARCHS.write_text(yaml.safe_dump(out, sort_keys=False))
+    print(f"wrote {ARCHS}: " + ", ".join(f"{n} {a['gflops_640']}" for n, a in out["archs"].items()))
+
+
+def load_archs() -> dict[str, dict]:
+    return {name: a["params"] for name, a in yaml.safe_load(ARCHS.read_text())["archs"].items()}
+
+
+# ------------------------------------------------------------------------------------------------- runs.jsonl
+def load_runs() -> list[dict]:
+    if not RUNS.is_file():
+        return []
+    return [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+
+
+def _append(rows: list[dict]) -> None:
+    if rows:
+        with RUNS.open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _done(runs: list[dict], dataset: str, proxy: str, seed: int) -> set[str]:
+    return {r["arch"] for r in runs if (r["dataset"], r["proxy"], r["seed"]) == (dataset, proxy, seed)}
+
+
+def _repnas(args: list[str], log: Path) -> int:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with log.open("a") as f:
+        f.write(f"\n$ repnas {' '.join(args)}  # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        return subprocess.call([sys.executable, "-m", "nas.cli", *args], stdout=f, stderr=subprocess.STDOUT, env=env)
+
+
+def _harvest_study(dataset: str, proxy: str, seed: int, name: str) -> int:
+    """Append the study's COMPLETE trials that runs.jsonl lacks; return how many."""
+    from nas.study import load_study
+    from optuna.trial import TrialState
+
+    names = {arch_key(p): n for n, p in load_archs().items()}
+    done = _done(load_runs(), dataset, proxy, seed)
+    study = load_study(name, results=str(WORK))
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        a = t.user_attrs
+        arch = names.get(arch_key(a.get("arch", {})))
+        if arch is None or arch in done:
+            continue
+        done.add(arch)
+        curve = [[int(e), m, m50] for e, m, m50 in (a.get("curve") or [])]
+        epochs_csv = WORK / name / "trials" / str(t.number) / "epochs.csv"
+        loss_sum = _loss_sum(epochs_csv)
+        rows.append({"dataset": dataset, "proxy": proxy, "seed": seed, "arch": arch, "map50_95": t.values[0],
+                     "map50": a.get("map50"), "curve": curve, "loss_sum": loss_sum,
+                     "train_seconds": (a.get("seconds") or {}).get("train"), "latency_ms": a.get("latency_ms"),
+                     "gflops_deploy": a.get("gflops_deploy"), "params": a.get("params"), "study": name,
+                     "trial": t.number})
+    _append(rows)
+    return len(rows)
+
+
+def _loss_sum(path: Path) -> float | None:
+    import csv
+
+    if not path.is_file():
+        return None
+    with path.open() as f:
+        return float(sum(float(r["box"]) + float(r["obj"]) + float(r["cls"]) for r in csv.DictReader(f)))
+
+
+def _harvest_confirm(dataset: str, name: str) -> int:
+    """Append the host study's confirm runs (reference, default60) that runs.jsonl lacks."""
+    from nas.study import load_study
+    from nas.study.confirm import KIND, parse_key
+    from nas.study.followups import followups
+
+    study = load_study(name, results=str(WORK))
+    names = {arch_key(p): n for n, p in load_archs().items()}
+    by_budget = {(b["epochs"], b["imgsz"]): row for row, b in CONFIRM_ROWS.items()}
+    runs = load_runs()
+    rows = []
+    for number, results in followups(study, KIND).items():
+        t = study.trials[number]
+        arch = names.get(arch_key(t.user_attrs.get("arch", {})))
+        for key, r in results.items():
+            k = parse_key(key)
+            row = by_budget.get((k["epochs"], k["imgsz"]))
+            if arch is None or row is None or arch in _done(runs, dataset, row, k["seed"]):
+                continue
+            runs.append({"dataset": dataset, "proxy": row, "seed": k["seed"], "arch": arch})
+            rows.append({"dataset": dataset, "proxy": row, "seed": k["seed"], "arch": arch,
+                         "map50_95": r["map50_95"], "map50": r["map50"], "curve": r["curve"],
+                         "loss_sum": r["loss_sum"], "train_seconds": r["train_seconds"],
+                         "latency_ms": t.user_attrs.get("latency_ms"),
+                         "gflops_deploy": t.user_attrs.get("gflops_deploy"), "params": t.user_attrs.get("params"),
+                         "study": name, "trial": number})
+    _append(rows)
+    return len(rows)
+
+
+# ------------------------------------------------------------------------------------------------------ running
+def _study_args(name: str, dataset: str, missing: list[str], extra: list[str]) -> list[str]:
+    """`repnas search` for the missing Archs: the first is the baseline, the rest enqueued; nothing sampled."""
+    archs = load_archs()
+    files = []
+    folder = WORK / "archs"
+    folder.mkdir(parents=True, exist_ok=True)
+    for arch in missing:
+        path = folder / f"{arch}.yaml"
+        path.write_text(yaml.safe_dump(archs[arch]))
+        files.append(str(path))
+    args = ["search", "--study", name, "--results", str(WORK), "--data", data_yaml(dataset), "--space", SPACE,
+            "--trials", str(len(missing)), "--sampler", "random", "--baseline", files[0], "--no-early-stop",
+            "--device", "cpu", "--quiet", "--workers", "1", *extra]
+    if len(files) > 1:
+        args += ["--enqueue", *files[1:]]
+    return args
+
+
+def _with_seed(extra: list[str], seed: int) -> list[str]:
+    if "--proxy" in extra:
+        i = extra.index("--proxy")
+        return [*extra[:i + 1], f"seed={seed}", *extra[i + 1:]]
+    return [*extra, "--proxy", f"seed={seed}"]
+
+
+def run_proxy(dataset: str, proxy: str, seed: int, extra: list[str], log: Path) -> None:
+    """Train every Arch missing from runs.jsonl for (dataset, proxy, seed) through one study, and harvest it."""
+    archs = list(load_archs())
+    name = f"pf-{dataset}-{proxy}-s{seed}"
+    if (WORK / name / "study.log").is_file():
+        _harvest_study(dataset, proxy, seed, name)
+        if _done(load_runs(), dataset, proxy, seed) >= set(archs):
+            return
+        code = _repnas(["resume", name, "--results", str(WORK), "--quiet", "--workers", "1"], log)
+    else:
+        missing = [a for a in archs if a not in _done(load_runs(), dataset, proxy, seed)]
+        if not missing:
+            return
+        code = _repnas(_study_args(name, dataset, missing, _with_seed(extra, seed)), log)
+    added = _harvest_study(dataset, proxy, seed, name)
+    print(f"{name}: {added} runs recorded (exit {code})", flush=True)
+
+
+def host_name(dataset: str) -> str:
+    """The 1-epoch host study holding every Arch: the pilot, the row 'e1-160', and where confirm runs live."""
+    return f"pf-{dataset}-e1-160-s0"
+
+
+def run_host(dataset: str, log: Path) -> None:
+    run_proxy(dataset, "e1-160", 0, ["--epochs", str(HOST["epochs"]), "--imgsz", str(HOST["imgsz"])], log)
+
+
+def run_confirm_row(dataset: str, row: str, log: Path) -> None:
+    budget = CONFIRM_ROWS[row]
+    seeds = [s for s in budget["seeds"] if s in SEEDS[dataset]]
+    host = host_name(dataset)
+    code = _repnas(["confirm", host, "--results", str(WORK), "--spread", "1000", "--epochs", str(budget["epochs"]),
+                    "--imgsz", str(budget["imgsz"]), "--seeds", *map(str, seeds), "--quiet"], log)
+    print(f"{host}: confirm {row}: {_harvest_confirm(dataset, host)} runs recorded (exit {code})", flush=True)
+
+
+def order(dataset: str) -> list[tuple[str, int]]:
+    """What `run` does, cheapest evidence first: the host, the proxies (seed 0, then seed 1), then the confirm rows."""
+    steps = [("e1-160", 0)]
+    for seed in SEEDS[dataset]:
+        steps += [(p, seed) for p in PROXIES]
+    steps += [(row, -1) for row in ("reference", "default60")]
+    return steps
+
+
+def run(dataset: str, only: list[str] | None, hours: float | None) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    WORK.mkdir(parents=True, exist_ok=True)
+    log = WORK / f"{dataset}.log"
+    deadline = time.time() + hours * 3600 if hours else math.inf
+    for proxy, seed in order(dataset):
+        if only and proxy not in only:
+            continue
+        if time.time() > deadline:
+            print("time is up; run again to go on", flush=True)
+            return
+        if proxy == "e1-160":
+            run_host(dataset, log)
+        elif seed < 0:
+            run_confirm_row(dataset, proxy, log)
+        else:
+            run_proxy(dataset, proxy, seed, PROXIES[proxy], log)
+
+
+# ------------------------------------------------------------------------------------------------------- pilot
+def pilot(dataset: str) -> None:
+    """Run (or read) the 1-epoch host study and project each row's CPU-hours from its per-Arch epoch times."""
+    run_host(dataset, WORK / f"{dataset}.log")
+    rows = [r for r in load_runs() if r["dataset"] == dataset and r["proxy"] == "e1-160"]
+    per_epoch = sum(r["train_seconds"] for r in rows)  # one epoch of every Arch at 160 px, one seed
+    print(f"pilot: one 160-px epoch of all {len(rows)} Archs on {dataset}: {per_epoch:.0f} s (1 thread)")
+    total = 0.0
+    for name, cfg in [*((n, _cost_args(PROXIES[n])) for n in PROXIES),
+                      *((n, (b["epochs"], b["imgsz"], 1.0)) for n, b in CONFIRM_ROWS.items())]:
+        epochs, imgsz, fraction = cfg
+        seeds = len(SEEDS[dataset])
+        hours = per_epoch * epochs * (imgsz / 160) ** 2 * fraction * seeds / 3600
+        total += hours
+        print(f"  {name:<16} {epochs:>4} epochs {imgsz:>4} px fraction {fraction:<4} x {seeds} seeds: "
+              f"~{hours:.2f} CPU-hours (relative cost {epochs * (imgsz / 160) ** 2 * fraction / 120:.3f})")
+    print(f"projected total for {dataset}: ~{total:.1f} CPU-hours")
+
+
+def _cost_args(args: list[str]) -> tuple[int, int, float]:
+    epochs = int(args[args.index("--epochs") + 1])
+    imgsz = int(args[args.index("--imgsz") + 1])
+    fraction = next((float(a.split("=")[1]) for a in args if a.startswith("fraction=")), 1.0)
+    return epochs, imgsz, fraction
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def _metric(row: dict, metric: str) -> float:
+    if metric == "last":
+        return row["map50_95"]
+    if metric == f"mean{LAST_K}":
+        values = [m for _, m, _ in row["curve"][-LAST_K:]] or [row["map50_95"]]
+        return float(np.mean(values))
+    if metric == "loss":
+        return -row["loss_sum"]  # a lower training loss ranks higher
+    raise ValueError(metric)
+
+
+def table(dataset: str) -> list[dict]:
+    """One row per (proxy, metric): τ-b against the reference (mean over its seeds) with its 90% interval,
+    seed-to-seed τ-b, τ-b within latency terciles, relative cost."""
+    from nas.fidelity import agreement, kendall_tau_b, paired_difference, seed_to_seed_tau
+
+    runs = [r for r in load_runs() if r["dataset"] == dataset]
+    archs = list(load_archs())
+    ref = {a: np.mean([r["map50_95"] for r in runs if r["proxy"] == "reference" and r["arch"] == a] or [np.nan])
+           for a in archs}
+    ref_cost = sum(r["train_seconds"] for r in runs if r["proxy"] == "reference")
+    full = [a for a in archs if np.isfinite(ref[a])]
+    lat = {a: next((r["latency_ms"] for r in runs if r["arch"] == a and r["latency_ms"]), np.nan) for a in full}
+    terciles = np.array_split(sorted(full, key=lambda a: lat[a]), 3)
+    rows = []
+    proxies = sorted({r["proxy"] for r in runs} - {"reference"})
+    ref_vec = np.array([ref[a] for a in full])
+    zero_cost = {"params": {a: next(r["params"] for r in runs if r["arch"] == a) for a in full},
+                 "gflops": {a: next(r["gflops_deploy"] for r in runs if r["arch"] == a) for a in full}}
+    baseline_vec = np.array([zero_cost["params"][a] for a in full], dtype=float)
+    for proxy in [*proxies, *zero_cost]:
+        for metric in (("last", f"mean{LAST_K}", "loss") if proxy not in zero_cost else ("score",)):
+            if proxy in zero_cost:
+                seeds = {0: {a: float(zero_cost[proxy][a]) for a in full}}
+                cost = 0.0
+            else:
+                mine = [r for r in runs if r["proxy"] == proxy and r["arch"] in full]
+                seeds = {}
+                for r in mine:
+                    seeds.setdefault(r["seed"], {})[r["arch"]] = _metric(r, metric)
+                cost = sum(r["train_seconds"] for r in mine) / max(len(seeds), 1) * len(REFERENCE["seeds"])
+            common = [a for a in full if all(a in s for s in seeds.values())]
+            if len(common) < len(full) or not seeds:
+                rows.append({"proxy": proxy, "metric": metric, "n": len(common), "incomplete": True})
+                continue
+            vec = np.mean([[s[a] for a in full] for s in seeds.values()], axis=0)
+            agree = agreement(vec, ref_vec)
+            s2s = seed_to_seed_tau(np.array([[s[a] for s in seeds.values()] for a in full])) if len(seeds) > 1 \
+                else math.nan
+            within = [kendall_tau_b([vec[full.index(a)] for a in t], [ref[a] for a in t]) for t in terciles]
+            diff, interval = paired_difference(vec, baseline_vec, ref_vec)
+            rows.append({"proxy": proxy, "metric": metric, "n": len(full), "tau_b": agree.tau_b,
+                         "tau_ci": agree.to_dict()["tau_b_ci90"], "rho": agree.rho, "seed_tau": s2s,
+                         "tercile_tau": within, "cost": cost / ref_cost if ref_cost else math.nan,
+                         "vs_params": [diff, interval.low, interval.high]})
+    return rows
+
+
+def report(dataset: str) -> None:
+    runs = [r for r in load_runs() if r["dataset"] == dataset]
+    ref = [r for r in runs if r["proxy"] == "reference"]
+    print(f"{dataset}: {len(runs)} runs recorded; reference runs: {len(ref)}")
+    if ref:
+        from nas.fidelity import seed_to_seed_tau
+
+        by_seed: dict[int, dict[str, float]] = {}
+        for r in ref:
+            by_seed.setdefault(r["seed"], {})[r["arch"]] = r["map50_95"]
+        archs = [a for a in load_archs() if all(a in s for s in by_seed.values())]
+        if len(by_seed) > 1 and len(archs) >= 5:
+            tau = seed_to_seed_tau(np.array([[s[a] for s in by_seed.values()] for a in archs]))
+            print(f"reference seed-to-seed τ-b {tau:.3f} over {len(archs)} Archs (bar: >= 0.8)")
+    print(f"{'proxy':<16} {'metric':<6} {'n':>3} {'τ-b':>6} {'90% CI':>15} {'ρ':>6} {'seed τ':>7} "
+          f"{'τ in latency terciles':>22} {'cost':>6} {'τ - τ(params) [90% CI]':>26}")
+    for row in table(dataset):
+        if row.get("incomplete"):
+            print(f"{row['proxy']:<16} {row['metric']:<6} {row['n']:>3}  (incomplete)")
+            continue
+        ci = "" if row["tau_ci"] is None else f"[{row['tau_ci'][0]:.2f}, {row['tau_ci'][1]:.2f}]"
+        terc = " ".join("  nan" if math.isnan(t) else f"{t:5.2f}" for t in row["tercile_tau"])
+        d = row["vs_params"]
+        print(f"{row['proxy']:<16} {row['metric']:<6} {row['n']:>3} {row['tau_b']:>6.3f} {ci:>15} {row['rho']:>6.3f} "
+              f"{row['seed_tau']:>7.3f} {terc:>22} {row['cost']:>6.3f} {d[0]:>7.3f} [{d[1]:.2f}, {d[2]:.2f}]")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("pick")
+    for name in ("pilot", "run", "report"):
+        p = sub.add_parser(name)
+        p.add_argument("--dataset", choices=tuple(SEEDS), default="synth")
+        if name == "run":
+            p.add_argument("--only", nargs="+", help="these rows only (proxy names, reference, default60)")
+            p.add_argument("--hours", type=float, help="stop starting new studies after this many hours")
+    args = parser.parse_args()
+    if args.command == "pick":
+        pick()
+    elif args.command == "pilot":
+        pilot(args.dataset)
+    elif args.command == "run":
+        run(args.dataset, args.only, args.hours)
+    else:
+        report(args.dataset)
+
+
+if __name__ == "__main__":
+    main()
