@@ -487,6 +487,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("repnas: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a storage lost during a run (a database connection): one line, not a traceback
+        from nas.study.storage import storage_failure
+
+        failure = storage_failure(err, getattr(args, "storage", None))
+        if failure is None:
+            raise
+        print(f"repnas {args.command}: error: {' '.join(str(failure).split())}", file=sys.stderr)
+        return arg.EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ One module per concern; this package re-exports their public names (`from nas.st
     settings.py   StudySettings, defaults, what is frozen on resume, merging, the demo, baseline/enqueue loading, checks
     attrs.py      the trial-record schema: one constant per user-attr key, reason keys, what counts toward --trials
     storage.py    storage URL -> storage (journal file + FileLock), sampler, environment record, create/load a study
+    journal.py    the journal file study.log: its own scan, a torn last record moved aside, failed appends undone
     trial.py      one trial as named phases over a TrialRecorder (folder, files + sha256, phase seconds, log)
     leases.py     claims, host id, heartbeats, stale recovery, re-enqueue
     followups.py  results added after a trial finished (a companion study of follow-up trials)

@@ -28,7 +28,7 @@ from nas.study.settings import (
     resolve_settings,
     trial_folder,
 )
-from nas.study.storage import create_or_load_study, load_stored, make_sampler
+from nas.study.storage import create_or_load_study, load_stored, make_sampler, storage_failure
 from nas.study.trial import run_trial
 from pruning.reparam import fuse_model
 from space.builder import build_model
@@ -199,6 +199,8 @@ def _run_one(ctx: Context, trial: optuna.Trial, parent_pid: int | None) -> bool:
             safe("Pareto export", export_files, study, settings)
         raise
     except Exception as err:
+        if storage_failure(err) is not None:
+            raise  # the storage itself failed: no trial fault; the run ends, a resume fails this trial as stale
         reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
         folder = trial_folder(settings, trial.number)
         folder.mkdir(parents=True, exist_ok=True)

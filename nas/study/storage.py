@@ -1,7 +1,8 @@
 """Where a study lives and how it starts: storage URL -> Optuna storage, the sampler, the environment record, and
 creating (frozen baseline latency, baseline enqueued as trial 0) or loading a study.
 
-Default storage: an Optuna journal file, `results/NAME/study.log` (`JournalStorage(JournalFileBackend)`): several
+Default storage: an Optuna journal file, `results/NAME/study.log` (`JournalStorage` on `nas.study.journal.JournalFile`,
+which repairs a record torn by a crash or a full disk and names the line of a corrupt one): several
 worker processes on one machine share it safely through a file lock (appends only, no "database is locked"), which
 SQLite under concurrent writers does not do reliably (Optuna itself advises against SQLite for parallel workers).
 Its lock is `nas.files.FileLock` on `study.log.flock`: the kernel releases it when a holder dies (Optuna's default
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -36,6 +38,7 @@ from nas.study.attrs import (
     SETTINGS_HISTORY_KEY,
     SETTINGS_KEY,
 )
+from nas.study.journal import JournalFile, StorageError, io_error
 from nas.study.settings import (
     SETTINGS_FORMAT,
     StudyError,
@@ -58,22 +61,101 @@ def journal_path(settings: StudySettings) -> Path:
     return settings.folder / "study.log"
 
 
-def storage_for(settings: StudySettings, *, create: bool = True) -> optuna.storages.BaseStorage | str:
-    """The study's storage: the given URL, or the journal file results/NAME/study.log.
+def storage_for(settings: StudySettings, *, create: bool = True,
+                repair: bool = False) -> optuna.storages.BaseStorage:
+    """The study's storage: the given URL's database, or the journal file results/NAME/study.log.
 
     With `create=False` a missing journal file raises StudyError (saying how to start the study) instead of
-    being created.
+    being created. `repair`: a process about to write (search, resume) moves a torn last journal record aside now,
+    under the journal's lock, once the file has been read (a corrupt record stops it first, nothing written); every
+    append does so anyway (`nas.study.journal`), and readers (`show`, `export`) never do. Raises StorageError (one
+    line, exit 2) for a database that cannot be reached or has an older schema, or a journal that cannot be read.
     """
     if settings.storage:
-        return settings.storage
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
+        return _open_database(settings.storage)
+    from optuna.storages.journal import JournalStorage
 
     path = journal_path(settings)
     if not create and not path.is_file():
         raise StudyError(f"no study {settings.name!r}: {path} does not exist; start it with "
                          f"`repnas search --study {settings.name}` (or pass --storage URL)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path), lock_obj=FileLock(path.with_name(path.name + ".flock"))))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise io_error(path.parent, "create the study folder", err) from None
+    journal = JournalFile(path, FileLock(path.with_name(path.name + ".flock")), study=settings.name)
+    storage = JournalStorage(journal)  # reads every record: a corrupt one raises here, before anything is written
+    if repair:
+        journal.repair()
+    return storage
+
+
+def mask_url(url: str) -> str:
+    """A storage URL as it may be printed: its password as ***."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: printed as given, less anything between :// and @
+        head, sep, rest = url.partition("://")
+        return head + sep + (f"***@{rest.rpartition('@')[2]}" if "@" in rest else rest)
+
+
+def _reason(err: BaseException) -> str:
+    """A database error in one short line: the driver's error and its first line."""
+    cause = getattr(err, "orig", None) or err
+    first = (str(cause).strip().splitlines() or [""])[0]
+    return f"{type(cause).__name__}: {first}"[:300]
+
+
+def _open_database(url: str) -> optuna.storages.BaseStorage:
+    """Optuna's RDB storage on `url`, or a StorageError saying why not and what to do."""
+    import sqlalchemy.exc
+
+    shown = mask_url(url)
+    try:
+        return optuna.storages.get_storage(url)
+    except ImportError as err:
+        raise StorageError(f"storage {shown}: its database driver is not installed "
+                           f"({_reason(err.__cause__ or err)}); install it (PostgreSQL: `pip install -e "
+                           '".[postgres]"`, which brings psycopg2)') from None
+    except (sqlalchemy.exc.ArgumentError, ValueError) as err:
+        raise StorageError(f"storage {shown} is not a database URL ({_reason(err)}); use e.g. "
+                           "postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DATABASE, or leave --storage out for the "
+                           "journal file results/NAME/study.log") from None
+    except RuntimeError as err:
+        if "optuna storage upgrade" in str(err):
+            raise StorageError(f"storage {shown}: its schema was set up by an older Optuna than the installed "
+                               f"{optuna.__version__}; back the database up, then upgrade it with `optuna storage "
+                               f"upgrade --storage {shown}`" + (" (your password in place of ***)" if shown != url
+                                                               else "") + " and run again") from None
+        if "pip install -U optuna" in str(err):
+            raise StorageError(f"storage {shown}: its schema is newer than the installed Optuna {optuna.__version__};"
+                               " upgrade Optuna (`pip install -U optuna`) and run again") from None
+        raise
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
+        raise StorageError(f"storage {shown}: cannot connect to the database ({_reason(err.__cause__ or err)}); "
+                           "check that its server runs and the URL (host, port, user, password, database), then run "
+                           "again") from None
+
+
+def storage_failure(err: BaseException, storage: str | None = None) -> StorageError | None:
+    """`err` as the one-line StorageError it stands for when it is the storage failing during a run (a lost database
+    connection: Optuna's StorageInternalError or SQLAlchemy's errors; the journal's own StorageError); None for any
+    other error. `storage`: the URL given (None: the journal file)."""
+    if isinstance(err, StorageError):
+        return err
+    sqlalchemy_exc = sys.modules.get("sqlalchemy.exc")
+    if isinstance(err, optuna.exceptions.StorageInternalError):
+        cause = err.__cause__ or err
+    elif sqlalchemy_exc is not None and isinstance(err, sqlalchemy_exc.SQLAlchemyError):
+        cause = err
+    else:
+        return None
+    return StorageError(f"storage {mask_url(storage) if storage else '(journal file)'}: failed during the run "
+                        f"({_reason(cause)}); the study keeps every write that completed before. Once the database is "
+                        "reachable again, run the command again (`repnas resume NAME --storage URL` continues a "
+                        "search; trials left RUNNING are failed as stale and run again)")
 
 
 def make_sampler(settings: StudySettings, stream: int = 0) -> optuna.samplers.BaseSampler:
@@ -162,8 +244,9 @@ def create_or_load_study(settings: StudySettings, *, enqueue: Sequence[str] = ()
     when another process created the study meanwhile with other settings.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(storage=storage_for(settings), study_name=settings.name, load_if_exists=True,
-                                directions=["maximize", "minimize"], sampler=make_sampler(settings))
+    study = optuna.create_study(storage=storage_for(settings, repair=True), study_name=settings.name,
+                                load_if_exists=True, directions=["maximize", "minimize"],
+                                sampler=make_sampler(settings))
     space = load_space(settings.space)
     extra = [load_enqueue(path, space) for path in enqueue]  # all checked before anything is written
     if SETTINGS_KEY in study.user_attrs:

@@ -5,6 +5,12 @@ Each run starts a fresh tiny study (3 trials, 1 epoch at 64 px), runs `repnas se
 tests/reliability/_killpoint.py, which SIGKILLs the process on the Nth entry to one phase (build, latency, training,
 evaluation, fusing, between trials, writing the Pareto files, writing weights.pt), then resumes it with
 `repnas search --study NAME`. The (phase, N) pairs come from a fixed seed and cover every phase.
+
+Two more phases hit the journal file study.log on the Nth append: `journal-torn` writes the first half of the
+append's record to the real file, fsyncs and dies (the resume must move the torn record aside, keep it, and lose
+nothing complete before it); `journal-full` makes the append's write fail with ENOSPC after half its bytes (the run
+must end with one line, exit 2, the write undone). Their N come from their own seeded draw, so the first 12 runs
+stay what they were.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import nas.study
 from nas.cli import main
 from nas.study import StudySettings, counts, prepare_study
 from tests.nas.conftest import assets, settings  # noqa: F401  (fixtures: tiny space, data, baseline)
-from tests.reliability._killpoint import PHASES
+from tests.reliability._killpoint import JOURNAL_PHASES, PHASES
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +44,10 @@ TRIALS = 3
 # Entries to each phase in a 3-trial run of the tiny study (2 training steps per epoch, 5 Pareto files per export;
 # claim_trial is entered once per trial): the Nth is drawn from 1..this, so every run dies where it was told to.
 ENTRIES = {"build": 3, "latency": 3, "training": 6, "evaluation": 3, "fusing": 3, "between-trials": 3,
-           "pareto": 15, "weights": 3}
+           "pareto": 15, "weights": 3,
+           # appends to study.log by the main thread: 106 in a 3-trial run of the tiny study (a margin kept)
+           "journal-torn": 100, "journal-full": 100}
+JOURNAL_RUNS = 4  # each journal phase twice
 
 
 def kill_plan(seed: int = SEED, runs: int = RUNS) -> list[tuple[str, int]]:
@@ -50,8 +59,14 @@ def kill_plan(seed: int = SEED, runs: int = RUNS) -> list[tuple[str, int]]:
     return [(phase, rng.randint(1, ENTRIES[phase])) for phase in phases]
 
 
+def journal_plan(seed: int = SEED, runs: int = JOURNAL_RUNS) -> list[tuple[str, int]]:
+    """`runs` seeded (journal phase, occurrence) pairs, the journal phases in turn."""
+    rng = random.Random(seed + 1)
+    return [(JOURNAL_PHASES[i % len(JOURNAL_PHASES)], rng.randint(1, ENTRIES[JOURNAL_PHASES[0]])) for i in range(runs)]
+
+
 IN_TRIAL = {"build", "latency", "training", "evaluation", "fusing", "weights"}  # a trial is RUNNING at the kill
-PLAN = kill_plan()
+PLAN = kill_plan() + journal_plan()
 DONE: list[dict] = []  # one entry per run that got through its checks' counting
 
 
@@ -74,7 +89,8 @@ def _pareto_rows(folder: Path) -> tuple[dict[int, tuple[float, float]], dict[int
 
 
 def test_the_plan_hits_every_phase():
-    assert len(PLAN) >= 10 and {phase for phase, _ in PLAN} == set(PHASES)
+    assert len(PLAN) >= 14 and {phase for phase, _ in PLAN} == set(PHASES + JOURNAL_PHASES)
+    assert PLAN[:12] == kill_plan()  # the journal runs came after: the first 12 draws are unchanged
     assert all(1 <= n <= ENTRIES[phase] for phase, n in PLAN)
 
 
@@ -88,13 +104,28 @@ def test_sigkill_then_resume_loses_nothing(phase, occurrence, settings, tmp_path
     proc = subprocess.run([sys.executable, "-m", "tests.reliability._killpoint", phase, str(occurrence), str(marker),
                            "--", "search", "--study", settings.name, "--results", str(results), "--quiet"],
                           env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -9, f"rc {proc.returncode}, not SIGKILL at {phase} {occurrence}:\n{proc.stderr[-3000:]}"
+    journal = results / settings.name / "study.log"
+    if phase == "journal-full":  # not killed: the product undid the write and ended with one line
+        assert proc.returncode == 2, f"rc {proc.returncode} at {phase} {occurrence}:\n{proc.stderr[-3000:]}"
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"repnas search: error: {journal}: could not append to the "
+                                                       "study journal: No space left on device"), proc.stderr[-3000:]
+        assert f"run `repnas resume {settings.name}` (the partial record was undone" in lines[0], lines[0]
+        assert journal.read_bytes().endswith(b"\n")
+    else:
+        assert proc.returncode == -9, \
+            f"rc {proc.returncode}, not SIGKILL at {phase} {occurrence}:\n{proc.stderr[-3000:]}"
     assert marker.read_text() == f"{phase} {occurrence}\n"
+    torn_before = journal.read_bytes()[journal.read_bytes().rfind(b"\n") + 1:]
+    assert bool(torn_before) == (phase == "journal-torn")  # a half record without its newline, before the resume
 
-    before = _load(settings).trials
+    before = _load(settings).trials  # a reader ignores the torn last line
     finished = {t.number: (t.state, t.values, t.user_attrs.get("files")) for t in before if t.state.is_finished()}
     running = [t.number for t in before if t.state == TrialState.RUNNING]
-    assert len(running) == (phase in IN_TRIAL)
+    if phase in JOURNAL_PHASES:  # the append may have been a trial's (it is then RUNNING) or the study's
+        assert len(running) <= 1
+    else:
+        assert len(running) == (phase in IN_TRIAL)
 
     assert main(["search", "--study", settings.name, "--results", str(results), "--quiet"]) == 0
     capsys.readouterr()
@@ -104,13 +135,21 @@ def test_sigkill_then_resume_loses_nothing(phase, occurrence, settings, tmp_path
     left_running = sum(t.state == TrialState.RUNNING for t in after)
     # a kill mid-write leaves its temp file (.NAME.*.tmp) beside the real one, which it never touched: counted
     temps = len(list(results.rglob(".*.tmp")))
-    DONE.append({"phase": phase, "lost": lost, "running": left_running, "temps": temps})
+    torn = sorted(journal.parent.glob("study.log.torn-*"))
+    DONE.append({"phase": phase, "lost": lost, "running": left_running, "temps": temps,
+                 "torn": len(torn) if phase == "journal-torn" and [p.read_bytes() for p in torn] == [torn_before]
+                 else 0, "one_line": phase == "journal-full"})
+    journal_runs = sum(p in JOURNAL_PHASES for p, _ in PLAN)
     reliability_report("kill/resume", f"{len(DONE)}/{len(PLAN)} runs, {len({d['phase'] for d in DONE})} phases hit, "
                                       f"{sum(d['lost'] for d in DONE)} finished trials lost, "
                                       f"{sum(d['running'] for d in DONE)} left RUNNING, "
-                                      f"{sum(d['temps'] for d in DONE)} half-written temp files left behind")
+                                      f"{sum(d['temps'] for d in DONE)} half-written temp files left behind; "
+                                      f"journal ({journal_runs} of the runs): {sum(d['torn'] for d in DONE)} torn "
+                                      f"records moved aside and kept, {sum(d['one_line'] for d in DONE)} full-disk "
+                                      "appends undone and ended in one line")
     assert lost == 0 and left_running == 0
     assert sum(counts(t) for t in after) == TRIALS
+    assert [p.read_bytes() for p in torn] == ([torn_before] if phase == "journal-torn" else [])
     for number in running:  # the killed process's trial: failed as stale, its Arch tried again
         assert after[number].state == TrialState.FAIL
         assert after[number].user_attrs["fail_reason"] == "stale: worker died"

@@ -217,8 +217,9 @@ def test_two_workers_never_run_the_same_confirmation_twice(study_copy):
     claimed = [(t.user_attrs[TARGET_KEY], t.user_attrs[KEY_KEY]) for t in records]
     assert sorted(claimed) == sorted((n, plan.key(s)) for n, s in plan.tasks())  # each exactly once
     assert all(t.state == TrialState.COMPLETE for t in records)
-    assert {line.split("]")[0] for line in out.stdout.splitlines() if "confirm epochs=1" in line} == {
-        "[worker 0", "[worker 1"}  # both worked
+    ran = [line for line in out.stdout.splitlines() if ": mAP50-95" in line]
+    assert len(ran) == len(plan.tasks())  # each reported once, by a worker process (which one: who claimed first)
+    assert {line.split("]")[0] for line in ran} <= {"[worker 0", "[worker 1"}
 
 
 def test_killed_during_a_confirmation_then_rerun_loses_nothing(study_copy):
