@@ -36,12 +36,13 @@ WORK = HERE / "work"
 SPACE = "small"
 N_ARCHS = 12
 LAST_K = 3  # "mean of the last k validations"
+WORKERS = 1  # worker processes per command, each single-threaded (`run --workers`)
 
-# The seed of the small space: the hand design's shape (depths 1-2-4-x-1, widths doubling, no SE) at the space's
-# widest widths, P4 at its deepest (8: the hand design's 14 is outside the cheap corner), the wider head.
-SEED = {"P1_depth": 1, "P1_width": 32, "P1_se": False, "P2_depth": 2, "P2_width": 48, "P2_se": False,
-        "P3_depth": 4, "P3_width": 96, "P3_se": False, "P4_depth": 8, "P4_width": 192, "P4_se": False,
-        "P5_depth": 1, "P5_width": 384, "P5_se": False, "head_width": 0.5, "head_depth": 1}
+# The seed of the small space: the hand design's shape (depths 1-2-4-x-1, no SE) at the space's widest widths, P4
+# at its deepest (8: the hand design's 14 is outside the small space), the wider head.
+SEED = {"P1_depth": 1, "P1_width": 16, "P1_se": False, "P2_depth": 2, "P2_width": 24, "P2_se": False,
+        "P3_depth": 4, "P3_width": 48, "P3_se": False, "P4_depth": 8, "P4_width": 96, "P4_se": False,
+        "P5_depth": 1, "P5_width": 192, "P5_se": False, "head_width": 0.5, "head_depth": 1}
 
 # Reference and confirm budgets on the host study (the default --data proxy otherwise: lr0, loss, val_every 5).
 REFERENCE = {"epochs": 120, "imgsz": 160, "seeds": (0, 1)}
@@ -144,8 +145,9 @@ def _repnas(args: list[str], log: Path) -> int:
 
 def _harvest_study(dataset: str, proxy: str, seed: int, name: str) -> int:
     """Append the study's COMPLETE trials that runs.jsonl lacks; return how many."""
-    from nas.study import load_study
     from optuna.trial import TrialState
+
+    from nas.study import load_study
 
     names = {arch_key(p): n for n, p in load_archs().items()}
     done = _done(load_runs(), dataset, proxy, seed)
@@ -221,7 +223,7 @@ def _study_args(name: str, dataset: str, missing: list[str], extra: list[str]) -
         files.append(str(path))
     args = ["search", "--study", name, "--results", str(WORK), "--data", data_yaml(dataset), "--space", SPACE,
             "--trials", str(len(missing)), "--sampler", "random", "--baseline", files[0], "--no-early-stop",
-            "--device", "cpu", "--quiet", "--workers", "1", *extra]
+            "--device", "cpu", "--quiet", "--workers", str(WORKERS), *extra]
     if len(files) > 1:
         args += ["--enqueue", *files[1:]]
     return args
@@ -242,7 +244,7 @@ def run_proxy(dataset: str, proxy: str, seed: int, extra: list[str], log: Path) 
         _harvest_study(dataset, proxy, seed, name)
         if _done(load_runs(), dataset, proxy, seed) >= set(archs):
             return
-        code = _repnas(["resume", name, "--results", str(WORK), "--quiet", "--workers", "1"], log)
+        code = _repnas(["resume", name, "--results", str(WORK), "--quiet", "--workers", str(WORKERS)], log)
     else:
         missing = [a for a in archs if a not in _done(load_runs(), dataset, proxy, seed)]
         if not missing:
@@ -266,17 +268,18 @@ def run_confirm_row(dataset: str, row: str, log: Path) -> None:
     seeds = [s for s in budget["seeds"] if s in SEEDS[dataset]]
     host = host_name(dataset)
     code = _repnas(["confirm", host, "--results", str(WORK), "--spread", "1000", "--epochs", str(budget["epochs"]),
-                    "--imgsz", str(budget["imgsz"]), "--seeds", *map(str, seeds), "--quiet"], log)
+                    "--imgsz", str(budget["imgsz"]), "--seeds", *map(str, seeds), "--quiet", "--workers",
+                    str(WORKERS)], log)
     print(f"{host}: confirm {row}: {_harvest_confirm(dataset, host)} runs recorded (exit {code})", flush=True)
 
 
 def order(dataset: str) -> list[tuple[str, int]]:
-    """What `run` does, cheapest evidence first: the host, the proxies (seed 0, then seed 1), then the confirm rows."""
-    steps = [("e1-160", 0)]
+    """What `run` does: the host, the reference (the ceiling every row is read against), the proxies (seed 0, then
+    seed 1), then the 60-epoch default."""
+    steps = [("e1-160", 0), ("reference", -1)]
     for seed in SEEDS[dataset]:
         steps += [(p, seed) for p in PROXIES]
-    steps += [(row, -1) for row in ("reference", "default60")]
-    return steps
+    return [*steps, ("default60", -1)]
 
 
 def run(dataset: str, only: list[str] | None, hours: float | None) -> None:
@@ -354,14 +357,13 @@ def table(dataset: str) -> list[dict]:
     rows = []
     proxies = sorted({r["proxy"] for r in runs} - {"reference"})
     ref_vec = np.array([ref[a] for a in full])
-    zero_cost = {"params": {a: next(r["params"] for r in runs if r["arch"] == a) for a in full},
-                 "gflops": {a: next(r["gflops_deploy"] for r in runs if r["arch"] == a) for a in full}}
-    baseline_vec = np.array([zero_cost["params"][a] for a in full], dtype=float)
+    zero_cost = _zero_cost(dataset)
+    baseline_vec = np.array([zero_cost["params"][0][a] for a in full], dtype=float) if zero_cost else \
+        np.array([next(r["params"] for r in runs if r["arch"] == a) for a in full], dtype=float)
     for proxy in [*proxies, *zero_cost]:
         for metric in (("last", f"mean{LAST_K}", "loss") if proxy not in zero_cost else ("score",)):
             if proxy in zero_cost:
-                seeds = {0: {a: float(zero_cost[proxy][a]) for a in full}}
-                cost = 0.0
+                seeds, cost = zero_cost[proxy], 0.0
             else:
                 mine = [r for r in runs if r["proxy"] == proxy and r["arch"] in full]
                 seeds = {}
@@ -383,6 +385,26 @@ def table(dataset: str) -> list[dict]:
                          "tercile_tau": within, "cost": cost / ref_cost if ref_cost else math.nan,
                          "vs_params": [diff, interval.low, interval.high]})
     return rows
+
+
+ZERO_COST = HERE / "zero_cost.jsonl"  # benchmarks/zero_cost.py: training-free scores per (dataset, Arch, seed)
+ZERO_COST_SCORES = ("params", "gflops_deploy", "entropy", "synflow", "grad_norm")
+
+
+def _zero_cost(dataset: str) -> dict[str, dict[int, dict[str, float]]]:
+    """score -> seed -> Arch -> value, from zero_cost.jsonl (params and GFLOPs: seed 0 only, they have no seed)."""
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    if not ZERO_COST.is_file():
+        return out
+    for line in ZERO_COST.read_text().splitlines():
+        r = json.loads(line)
+        if r["dataset"] != dataset:
+            continue
+        for score in ZERO_COST_SCORES:
+            if score in ("params", "gflops_deploy") and r["seed"] != 0:
+                continue
+            out.setdefault(score, {}).setdefault(r["seed"], {})[r["arch"]] = float(r[score])
+    return out
 
 
 def report(dataset: str) -> None:
@@ -422,12 +444,15 @@ def main() -> None:
         if name == "run":
             p.add_argument("--only", nargs="+", help="these rows only (proxy names, reference, default60)")
             p.add_argument("--hours", type=float, help="stop starting new studies after this many hours")
+            p.add_argument("--workers", type=int, default=1, help="single-threaded worker processes per command")
     args = parser.parse_args()
     if args.command == "pick":
         pick()
     elif args.command == "pilot":
         pilot(args.dataset)
     elif args.command == "run":
+        global WORKERS
+        WORKERS = args.workers
         run(args.dataset, args.only, args.hours)
     else:
         report(args.dataset)
