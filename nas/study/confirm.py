@@ -34,6 +34,7 @@ from nas.files import state_dict_bytes, write_bytes_atomic, write_text_atomic
 from nas.pareto import pareto_mask
 from nas.study.attrs import ARCH_KEY, BASELINE_KEY, FAIL_REASON_KEY, LATENCY_MS_KEY, PRUNE_FRACTION_KEY
 from nas.study.followups import (
+    COMPANION_SUFFIX,
     KEY_KEY,
     KIND_KEY,
     TARGET_KEY,
@@ -138,24 +139,25 @@ def make_plan(study: optuna.Study, settings: StudySettings, *, trials: Sequence[
                        int(imgsz or proxy.imgsz), tuple(dict.fromkeys(seeds)) or (proxy.seed,))
 
 
-def _claims(study: optuna.Study, states: tuple[TrialState, ...]) -> list[optuna.trial.FrozenTrial]:
+def _claims(study: optuna.Study, states: tuple[TrialState, ...] | None = None) -> list[optuna.trial.FrozenTrial]:
+    """The study's confirmation follow-up trials (in `states`; None: all), read in one snapshot."""
     try:
-        trials = optuna.load_study(study_name=companion(study).study_name, storage=study._storage).get_trials(
+        trials = optuna.load_study(study_name=study.study_name + COMPANION_SUFFIX, storage=study._storage).get_trials(
             deepcopy=False, states=states)
-    except KeyError:
+    except KeyError:  # no follow-up yet
         return []
     return [t for t in trials if t.user_attrs.get(KIND_KEY) == KIND]
 
 
 def open_tasks(study: optuna.Study, plan: ConfirmPlan, first: int = 0) -> list[tuple[int, int]]:
     """The plan's (trial, seed) runs nobody finished, is running, or failed in this run (follow-up numbers from
-    `first` on): what is left to claim."""
-    done = followups(study, KIND)
-    busy = {(t.user_attrs[TARGET_KEY], t.user_attrs[KEY_KEY]) for t in _claims(study, (TrialState.RUNNING,))}
-    failed = {(t.user_attrs[TARGET_KEY], t.user_attrs[KEY_KEY]) for t in _claims(study, (TrialState.FAIL,))
-              if t.number >= first}
-    return [(n, s) for n, s in plan.tasks() if plan.key(s) not in done.get(n, {})
-            and (n, plan.key(s)) not in busy and (n, plan.key(s)) not in failed]
+    `first` on): what is left to claim. One read of the follow-ups: a run told COMPLETE between two reads would
+    otherwise look neither running nor done."""
+    taken = set()
+    for t in _claims(study):
+        if t.state in (TrialState.COMPLETE, TrialState.RUNNING) or (t.state == TrialState.FAIL and t.number >= first):
+            taken.add((t.user_attrs[TARGET_KEY], t.user_attrs[KEY_KEY]))
+    return [(n, s) for n, s in plan.tasks() if (n, plan.key(s)) not in taken]
 
 
 def claim_task(study: optuna.Study, settings: StudySettings, plan: ConfirmPlan,

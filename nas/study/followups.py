@@ -29,8 +29,12 @@ RESULT_KEY = "followup_result"
 def companion(study: optuna.Study) -> optuna.Study:
     """The study's companion of follow-up trials (created on first use, in the same storage)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(study_name=study.study_name + COMPANION_SUFFIX, storage=study._storage,
-                               load_if_exists=True, direction="minimize")
+    name = study.study_name + COMPANION_SUFFIX
+    try:  # loading first: a create attempt on an existing study still appends a record to a journal
+        return optuna.load_study(study_name=name, storage=study._storage)
+    except KeyError:
+        return optuna.create_study(study_name=name, storage=study._storage, load_if_exists=True,
+                                   direction="minimize")
 
 
 def _check(kind: str, key: str) -> None:

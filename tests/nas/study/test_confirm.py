@@ -205,6 +205,33 @@ def test_a_claim_racing_another_hosts_claim_is_released(study_copy, monkeypatch)
     assert rival.number < released[0].number < mine.number
 
 
+CLAIMER = """
+import sys
+import optuna
+from nas.study import load_study, stored_settings
+from nas.study.confirm import ConfirmPlan, claim_task
+from nas.study.followups import finish_followup
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+results, trials = sys.argv[1], tuple(int(n) for n in sys.argv[2].split(","))
+study = load_study("tiny", results=results)
+plan = ConfirmPlan(trials, 1, 64, tuple(range(8)))
+while (claimed := claim_task(study, stored_settings(study, "tiny", None, results), plan)) is not None:
+    finish_followup(study, claimed[2], {"map50_95": 0.0})  # no training: only the claiming races
+"""
+
+
+def test_four_processes_claiming_at_once_never_take_one_run_twice(study_copy):
+    # a run told COMPLETE between two reads of the claims once looked neither running nor done: claimed again
+    settings, study = study_copy
+    trials = [t.number for t in complete(study)]
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, settings.results, ",".join(map(str, trials))])
+             for _ in range(4)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0, 0]
+    records = confirm_records(load(settings))
+    assert len(records) == 8 * len(trials)  # no surplus claim to release: the local lock made every claim unique
+    assert all(t.state == TrialState.COMPLETE for t in records)
+
+
 def test_two_workers_never_run_the_same_confirmation_twice(study_copy):
     settings, study = study_copy
     out = subprocess.run([sys.executable, "-m", "nas.cli", "confirm", "tiny", "--results", settings.results,
@@ -215,7 +242,9 @@ def test_two_workers_never_run_the_same_confirmation_twice(study_copy):
                                   "seeds": [0, 1]})
     records = confirm_records(load(settings))
     claimed = [(t.user_attrs[TARGET_KEY], t.user_attrs[KEY_KEY]) for t in records]
-    assert sorted(claimed) == sorted((n, plan.key(s)) for n, s in plan.tasks())  # each exactly once
+    diagnosis = [(t.number, t.user_attrs[TARGET_KEY], t.user_attrs[KEY_KEY], t.state.name, t.user_attrs.get("pid"),
+                  t.user_attrs.get("fail_reason")) for t in records]
+    assert sorted(claimed) == sorted((n, plan.key(s)) for n, s in plan.tasks()), (diagnosis, out.stdout)
     assert all(t.state == TrialState.COMPLETE for t in records)
     ran = [line for line in out.stdout.splitlines() if ": mAP50-95" in line]
     assert len(ran) == len(plan.tasks())  # each reported once, by a worker process (which one: who claimed first)
