@@ -6,6 +6,7 @@ pieces several commands share. A user error prints one line on stderr and exits 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,11 +34,14 @@ class Command:
         raise NotImplementedError
 
 
+MODEL_HELP = "YOLOv5-format model YAML, or `seed`: the seed design (space.searchspace.seed_arch)"
+
+
 class Build(Command, name="build", help="build a model YAML and print its layers, params and GFLOPs"):
     """Build a model YAML and print YOLOv5's per-layer table with params and GFLOPs (as built and deployed)."""
 
     def add_arguments(self, p):
-        p.add_argument("model", metavar="MODEL.yaml", help="YOLOv5-format model YAML")
+        p.add_argument("model", metavar="MODEL.yaml", help=MODEL_HELP)
         p.add_argument("--nc", type=arg.positive_int, help="override the number of classes")
         p.add_argument("--imgsz", type=arg.imgsz, default=640, help="input size for GFLOPs (default %(default)s)")
 
@@ -45,8 +49,9 @@ class Build(Command, name="build", help="build a model YAML and print its layers
         from space.builder import build_model
         from space.cost import model_cost
         from space.errors import ModelConfigError
+        from space.searchspace import model_yaml_source
 
-        model = build_model(args.model, nc=args.nc, device="meta")
+        model = build_model(model_yaml_source(args.model), nc=args.nc, device="meta")
         try:
             cost = model_cost(model, args.imgsz)
         except ModelConfigError as err:  # builds at the probe size, but not at --imgsz
@@ -105,7 +110,7 @@ class Train(Command, name="train", help="train and evaluate a model YAML (proxy 
         from nas.train import ProxyConfig
 
         proxy = ProxyConfig()
-        p.add_argument("model", metavar="MODEL.yaml", help="YOLOv5-format model YAML")
+        p.add_argument("model", metavar="MODEL.yaml", help=MODEL_HELP)
         p.add_argument("--data", help=arg.DATA_HELP)
         p.add_argument("--epochs", type=arg.positive_int, help=f"epochs (default {proxy.epochs})")
         p.add_argument("--imgsz", type=arg.imgsz, help=f"training and validation size (default {proxy.imgsz})")
@@ -120,6 +125,7 @@ class Train(Command, name="train", help="train and evaluate a model YAML (proxy 
 
     def take_action(self, args):
         from nas.train import ProxyConfig, train_job
+        from space.searchspace import model_yaml_source
 
         arg.setup_logging(args.quiet)
         data = arg.data_path(args.data)
@@ -127,42 +133,55 @@ class Train(Command, name="train", help="train and evaluate a model YAML (proxy 
                  "workers": args.loader_workers}
         cfg = arg.make_config(ProxyConfig, quiet=args.quiet, **{k: v for k, v in given.items() if v is not None})
         out = Path(args.out) if args.out else arg.default_out(Path("results") / "train", args.model)
-        m = train_job(args.model, data, cfg, out).metrics
+        m = train_job(model_yaml_source(args.model), data, cfg, out).metrics
         print(f"{'epochs':>6} {'imgsz':>5} {'params':>12} {'GFLOPs':>7} {'mAP50':>7} {'mAP50-95':>9} {'seconds':>8}")
         print(f"{m['epochs']:>6} {m['imgsz']:>5} {m['params']:>12,} {m['gflops_deploy']:>7.2f} {m['map50']:>7.4f} "
               f"{m['map50_95']:>9.4f} {m['train_seconds']:>8.1f}")
-        print(f"wrote {out}/weights.pt, model.yaml, epochs.csv, metrics.json (GFLOPs: deploy, at {m['imgsz']}px)")
+        from nas.files import folder_bytes, format_bytes
+
+        print(f"wrote {out}/weights.pt, model.yaml, epochs.csv, metrics.json (GFLOPs: deploy, at {m['imgsz']}px; "
+              f"{format_bytes(folder_bytes(out))} on disk)")
         return 0
 
 
-class Val(Command, name="val", help="evaluate weights on a val split"):
-    """Evaluate weights on a dataset's val split (COCO mAP50-95 and mAP50)."""
+class Val(Command, name="val", help="evaluate a trained model on a val split"):
+    """Evaluate a trained model (its fused form) on a dataset's val split: COCO mAP50-95 and mAP50, at the size
+    it was trained at when its study or run recorded it."""
 
     def add_arguments(self, p):
         from nas.train import ProxyConfig
 
-        p.add_argument("model", metavar="MODEL.yaml", help="YOLOv5-format model YAML the weights belong to")
-        p.add_argument("--weights", required=True, help="state_dict file (train-time or fused)")
-        p.add_argument("--data", help=arg.DATA_HELP)
-        p.add_argument("--imgsz", type=arg.imgsz, default=ProxyConfig().imgsz, help="input size (default %(default)s)")
+        arg.add_source(p)
+        p.add_argument("--data", help="data.yaml (default: the model's training data, else the built-in synthetic set)")
+        p.add_argument("--imgsz", type=arg.imgsz, help="input size (default: the size it was trained at, else "
+                                                       f"{ProxyConfig().imgsz})")
         p.add_argument("--batch", type=arg.positive_int, default=32, help="batch size (default %(default)s)")
         p.add_argument("--device", default="auto", help=arg.DEVICE_HELP)
+        arg.add_study_location(p)
         p.add_argument("--quiet", action="store_true", help=arg.QUIET_HELP)
 
     def take_action(self, args):
-        from nas.data import load_data_config
+        import logging
+
         from nas.device import resolve_device
         from nas.evaluate import evaluate
-        from nas.source import load_weights, read_state
+        from nas.source import load_source, resolve_data, source_size
+        from nas.train import ProxyConfig
 
         arg.setup_logging(args.quiet)
-        state = read_state(args.weights)
-        data = load_data_config(arg.data_path(args.data))
-        model = load_weights(args.model, state, data.nc, f"--weights {args.weights}")
+        log = logging.getLogger("repnas.val")
+        source = load_source(args.source, args.weights, results=args.results, storage=args.storage)
+        data = resolve_data(args.data, source, args.source)
+        imgsz, said = source_size(args.imgsz, source.train_imgsz, ProxyConfig().imgsz, "--imgsz",
+                                  "the size it was trained at")
         device = resolve_device(args.device)
-        metrics = evaluate(model.to(device), data, args.imgsz, batch=args.batch, device=device)
-        print(f"{'images':>6} {'boxes':>6} {'mAP50':>7} {'mAP50-95':>9}")
-        print(f"{metrics.images:>6} {metrics.boxes:>6} {metrics.map50:>7.4f} {metrics.map50_95:>9.4f}")
+        log.info("val: %s on the val split of %s at %s, batch %d, %s", source.description, data.source, said,
+                 args.batch, device)
+        m = evaluate(source.model.to(device), data, imgsz, batch=args.batch, device=device)
+        log.info("val: %d images in %.1f s (%.1f images/s)", m.images, m.seconds, m.images / max(m.seconds, 1e-9))
+        print(f"{'images':>6} {'boxes':>6} {'mAP50':>7} {'mAP50-95':>9} {'imgsz':>5}")
+        print(f"{m.images:>6} {m.boxes:>6} {m.map50:>7.4f} {m.map50_95:>9.4f} {imgsz:>5}")
+        print(f"evaluated at {said} on the val split of {data.source}")
         return 0
 
 
@@ -175,11 +194,14 @@ class Latency(Command, name="latency", help="measure a model's latency (fused by
         from nas.latency import LatencyConfig
 
         cuda, cpu = (LatencyConfig.for_device(torch.device(kind)) for kind in ("cuda", "cpu"))
-        p.add_argument("model", metavar="MODEL.yaml", help="YOLOv5-format model YAML")
+        p.add_argument("model", metavar="MODEL", help=MODEL_HELP + "; or any trained SOURCE as `repnas val` takes it "
+                       "(STUDY:TRIAL, a trial, train or pruned-model folder), timed in its deploy form")
         p.add_argument("--weights", help="state_dict to load first (optional)")
+        arg.add_study_location(p)
         p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                        help="time the deploy (fused) form (default) or the model as built (--no-fused)")
-        p.add_argument("--imgsz", type=arg.imgsz, default=640, help="input size (default %(default)s)")
+        p.add_argument("--imgsz", type=arg.imgsz,
+                       help="input size (default: the size a trained SOURCE was timed at, else 640)")
         p.add_argument("--batch", type=arg.positive_int, default=1, help="batch size (default %(default)s)")
         p.add_argument("--device", default="auto", help=arg.DEVICE_HELP)
         p.add_argument("--iters", type=arg.positive_int,
@@ -190,25 +212,42 @@ class Latency(Command, name="latency", help="measure a model's latency (fused by
         p.add_argument("--reference", metavar="REF.yaml", help="also time this model (fused), interleaved: the ratio")
 
     def take_action(self, args):
-        from nas.device import resolve_device
-        from nas.latency import LatencyConfig, measure_latency
-        from nas.source import load_weights, read_state
+        from pathlib import Path
+
+        from nas.device import device_label, resolve_device
+        from nas.latency import LatencyConfig, measure_latency, noise_warning
+        from nas.source import load_source, load_weights, read_state
         from pruning.reparam import fuse_model
         from space.builder import build_model
+        from space.searchspace import is_seed_source, model_yaml_source
 
         device = resolve_device(args.device)
-        model = (load_weights(args.model, read_state(args.weights), source=f"--weights {args.weights}") if args.weights
-                 else build_model(args.model))
-        model = fuse_model(model) if args.fused else model
-        reference = fuse_model(build_model(args.reference)) if args.reference else None
+        imgsz = args.imgsz
+        if is_seed_source(args.model) or Path(args.model).suffix.lower() in (".yaml", ".yml"):
+            source = model_yaml_source(args.model)
+            model = (load_weights(source, read_state(args.weights), source=f"--weights {args.weights}")
+                     if args.weights else build_model(source))
+            model = fuse_model(model) if args.fused else model
+        else:  # a trained source, as val/prune/export-model take it: its deploy network
+            if not args.fused:
+                raise arg.UsageError(f"{args.model}: a trained SOURCE is timed in its deploy form; --no-fused needs "
+                                     "a MODEL.yaml (with --weights)")
+            loaded = load_source(args.model, args.weights, results=args.results, storage=args.storage)
+            model = loaded.model
+            if imgsz is None and loaded.cost_imgsz:
+                imgsz = loaded.cost_imgsz
+                print(f"latency: {loaded.description} at {imgsz} px, the size it was timed at (--imgsz changes it)",
+                      file=sys.stderr)
+        imgsz = imgsz or 640
+        reference = fuse_model(build_model(model_yaml_source(args.reference))) if args.reference else None
         defaults = LatencyConfig.for_device(device)
         iters = args.iters or defaults.iters
         cfg = arg.make_config(LatencyConfig, warmup=defaults.warmup, iters=iters, rounds=min(defaults.rounds, iters),
                               half=not args.fp32, cuda_graph=args.cuda_graph, threads=args.threads)
-        lat = measure_latency(model, args.imgsz, args.batch, device, cfg, reference=reference)
+        lat = measure_latency(model, imgsz, args.batch, device, cfg, reference=reference)
         info = lat.device
-        where = f"{info['name']}" + (f", {info['threads']} threads" if "threads" in info else
-                                     f", CUDA {info['cuda']}, cuDNN {info['cudnn']}, driver {info['driver']}")
+        where = device_label(info) + ("" if "threads" in info else
+                                      f", CUDA {info['cuda']}, cuDNN {info['cudnn']}, driver {info['driver']}")
         print(f"{'form':<9}{'imgsz':>10}{'batch':>6}{'dtype':>9}{'median_ms':>11}{'p90_ms':>9}{'mean_ms':>9}"
               f"{'std_ms':>8}{'iters':>6}{'ratio':>7}")
         ratio = f"{lat.latency_ratio:.3f}" if lat.latency_ratio else "-"
@@ -218,6 +257,9 @@ class Latency(Command, name="latency", help="measure a model's latency (fused by
         if lat.reference_median_ms:
             print(f"reference {args.reference} (fused): median {lat.reference_median_ms:.3f} ms, measured interleaved")
         print(f"device: {where}; torch {info['torch']}")
+        warning = noise_warning(lat)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         return 0
 
 
@@ -282,16 +324,51 @@ class Search(Command, name="search", help="run or continue a search study"):
                            devices=args.devices or (), force=args.force, enqueue=args.enqueue or ())
         print(summary_line(study))
         print(f"Pareto files: {settings.folder}/pareto.{{md,csv,html,json,png}}")
+        print(_trial_files_line(study, settings))
         return 0
 
 
+def _trial_files_line(study, settings) -> str:
+    """How much disk the study's trial folders take (weights mostly) and how to free it."""
+    from nas.files import folder_bytes, format_bytes
+    from nas.study import stored_settings
+    from nas.study.run import location_options
+
+    root = stored_settings(study, settings.name, settings.storage, settings.results).trials_root  # --artifacts too
+    folders = [f for f in root.iterdir() if f.is_dir() and f.name.isdigit()] if root.is_dir() else []
+    total = sum(folder_bytes(f) for f in folders)
+    n = len(folders)
+    each = f", {format_bytes(total // n)} each" if n > 1 else ""
+    return (f"trial files: {format_bytes(total)} in {root} ({n} trial{'s' * (n != 1)}{each}); free the weights off "
+            f"the Pareto front with `repnas clean {settings.name} --keep-weights K{location_options(settings)}` (K: "
+            "also keep the top-K by mAP50-95)")
+
+
+class _ResumeHelp(argparse.HelpFormatter):
+    """`repnas resume --help`: a study setting left out keeps the study's stored value, so that is its default."""
+
+    OWN = ("help", "study", "storage", "results", "devices", "enqueue", "force", "quiet")  # not study settings
+
+    def _get_help_string(self, action):
+        text = super()._get_help_string(action) or ""
+        if action.dest in self.OWN:
+            return text
+        return re.sub(r" ?\(default[^)]*\)", "", text) + " (default: the study's stored value)"
+
+
 class Resume(Search, name="resume", help="continue a study (search --study NAME)"):
-    """Continue a study with its stored settings (an option given changes one; a frozen one needs --force)."""
+    """Continue study NAME (the same as `repnas search --study NAME`) until it holds --trials counted trials.
+    Every setting left out keeps the study's stored value; one given changes it for this and later runs, and a
+    change that makes trials incomparable (data, space, proxy or latency settings, device, baseline, artifacts,
+    pruning) is refused with each difference named unless --force. Trials left RUNNING by a dead worker are failed
+    as stale and their Archs run again; finished trials are never re-run."""
 
     resume = True
 
     def add_arguments(self, p):
-        p.add_argument("study", metavar="NAME", help="study name")
+        p.formatter_class = _ResumeHelp
+        p.add_argument("study", metavar="NAME", help="the study to continue: results/NAME (DIR/NAME with --results "
+                                                     "DIR), or study NAME in --storage URL")
         arg.add_search_options(p)
 
 
@@ -302,9 +379,7 @@ class Prune(Command, name="prune", help="prune a trained model to a FLOPs target
         from nas.train import ProxyConfig
         from pruning.channel import IMPORTANCES
 
-        p.add_argument("source", metavar="SOURCE",
-                       help="STUDY:TRIAL, a trial folder, a pruned-model folder, or MODEL.yaml with --weights")
-        p.add_argument("--weights", help="state_dict for a MODEL.yaml source (train-time or fused)")
+        arg.add_source(p)
         p.add_argument("--target-flops", required=True, help="'50%%' or 0.5 of the deploy GFLOPs, or absolute '2.5G'")
         p.add_argument("--importance", choices=IMPORTANCES, default="taylor",
                        help="channel importance: first-order Taylor on training batches (default; see RESULTS.md), "
@@ -314,10 +389,10 @@ class Prune(Command, name="prune", help="prune a trained model to a FLOPs target
         p.add_argument("--finetune-epochs", type=arg.nonneg_int, default=0,
                        help="fine-tuning epochs after pruning (%(default)s)")
         p.add_argument("--data", help="data.yaml (default: the model's training data, else the built-in synthetic set)")
-        p.add_argument("--imgsz", type=arg.imgsz, default=640,
-                       help="GFLOPs and latency input size (default %(default)s)")
-        p.add_argument("--eval-imgsz", type=arg.imgsz, help="evaluation and fine-tuning size (default: the source's "
-                                                             f"training size, else {ProxyConfig().imgsz})")
+        p.add_argument("--imgsz", type=arg.imgsz, help="GFLOPs and latency input size (default: the size the "
+                                                       "source's study timed it at, else 640)")
+        p.add_argument("--eval-imgsz", type=arg.imgsz, help="evaluation and fine-tuning size (default: the size it "
+                                                             f"was trained at, else {ProxyConfig().imgsz})")
         p.add_argument("--device", default="auto", help=arg.DEVICE_HELP)
         p.add_argument("--no-eval", action="store_true", help="skip the mAP before pruning")
         p.add_argument("--out", help="output folder (default: DIR/prune/SOURCE[-N], DIR of --results)")
@@ -325,19 +400,26 @@ class Prune(Command, name="prune", help="prune a trained model to a FLOPs target
         p.add_argument("--quiet", action="store_true", help=arg.QUIET_HELP)
 
     def take_action(self, args):
+        import logging
+
         from nas.prune import prune_job, resolve_prune_data, save_prune_report
-        from nas.source import load_source
+        from nas.source import load_source, source_size
         from nas.train import ProxyConfig
         from pruning.channel import parse_target
         from space.cost import count_gflops
 
         arg.setup_logging(args.quiet)
         source = load_source(args.source, args.weights, results=args.results, storage=args.storage)
-        parse_target(args.target_flops, count_gflops(source.model, args.imgsz))  # a bad target fails before any work
+        imgsz, cost_said = source_size(args.imgsz, source.cost_imgsz, 640, "--imgsz", "the size its GFLOPs and "
+                                       "latency were recorded at")
+        eval_imgsz, eval_said = source_size(args.eval_imgsz, source.train_imgsz, ProxyConfig().imgsz, "--eval-imgsz",
+                                            "the size it was trained at")
+        parse_target(args.target_flops, count_gflops(source.model, imgsz))  # a bad target fails before any work
         data = resolve_prune_data(args.data, source, args.source, importance=args.importance,
                                   finetune_epochs=args.finetune_epochs, evaluate_before=not args.no_eval)
-        report = prune_job(source.model, data, args.target_flops, imgsz=args.imgsz,
-                           eval_imgsz=args.eval_imgsz or source.train_imgsz or ProxyConfig().imgsz,
+        logging.getLogger("repnas.prune").info("prune: %s; GFLOPs and latency at %s; mAP and fine-tuning at %s",
+                                               source.description, cost_said, eval_said)
+        report = prune_job(source.model, data, args.target_flops, imgsz=imgsz, eval_imgsz=eval_imgsz,
                            importance=args.importance, round_to=args.round_to, finetune_epochs=args.finetune_epochs,
                            device=args.device, evaluate_before=not args.no_eval)
         label = args.source.replace(":", "-").replace("/", "_").strip("._-") or "model"
@@ -349,11 +431,13 @@ class Prune(Command, name="prune", help="prune a trained model to a FLOPs target
 
 
 class ExportModel(Command, name="export-model", help="export a fused or pruned model to ONNX, checked by onnxruntime"):
-    """Export a fused or pruned model to ONNX and check it against PyTorch with onnxruntime."""
+    """Export a fused or pruned model to ONNX and check it against PyTorch with onnxruntime (the file is written
+    only when the check passes). Input `images` (batch, 3, S, S): RGB, float32 0..1. Output `output` (batch, N, 5 +
+    nc), only the batch dynamic: per row x, y, w, h (box centre and size in input pixels), objectness and nc class
+    scores (after the sigmoid); NMS is not included."""
 
     def add_arguments(self, p):
-        p.add_argument("source", metavar="SOURCE", help="STUDY:TRIAL, a trial or pruned-model folder, or MODEL.yaml")
-        p.add_argument("--weights", help="state_dict for a MODEL.yaml source")
+        arg.add_source(p)
         p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="where to write the ONNX file")
         p.add_argument("--imgsz", type=arg.imgsz, default=640,
                        help="input size (default %(default)s; the batch axis is dynamic)")
@@ -365,9 +449,13 @@ class ExportModel(Command, name="export-model", help="export a fused or pruned m
 
         source = load_source(args.source, args.weights, results=args.results, storage=args.storage)
         report = export_onnx(source.model, args.onnx, args.imgsz)
-        print(f"wrote {report['path']} (opset {report['opset']}, input images (B, 3, {args.imgsz}, {args.imgsz}), "
-              f"output {report['shape'][1:]} per image); onnxruntime vs PyTorch: max abs diff "
-              f"{report['max_abs_diff']:.2e} (boxes normalised {report['max_abs_diff_normalised']:.2e})")
+        shape = ", ".join(map(str, report["output_shape"]))
+        print(f"wrote {report['path']} (opset {report['opset']}, {report['exporter']})")
+        print(f"input  `images` (batch, 3, {args.imgsz}, {args.imgsz}): RGB, float32 0..1, letterboxed")
+        print(f"output `output` ({shape}): {report['layout']}")
+        print(f"check: onnxruntime vs PyTorch on a seeded batch of 2: max abs diff {report['max_abs_diff']:.2e}, "
+              f"{report['max_abs_diff_normalised']:.2e} with boxes divided by the input size (tolerance "
+              f"{report['tolerance']:g}): {report['verdict']}")
         return 0
 
 
@@ -469,9 +557,52 @@ def _add_commands(parser: arg.Parser, commands: Sequence[type[Command]], dest: s
             p.set_defaults(func=command.take_action)
 
 
+def version_line() -> str:
+    """`repnas --version`: the installed version, the git commit of the checkout it runs from (when it runs from
+    one: an editable install), and the versions of Python, torch and optuna, read without importing them."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    line = f"repnas {installed('repnas')}"
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / ".git").exists():
+        def git(*argv: str) -> str:
+            try:
+                return subprocess.run(["git", "-C", str(checkout), *argv], capture_output=True, text=True,
+                                      timeout=5).stdout.strip()
+            except (OSError, subprocess.SubprocessError):
+                return ""
+
+        commit = git("rev-parse", "--short=12", "HEAD")
+        if commit:
+            changed = git("status", "--porcelain", "--untracked-files=no")
+            line += f" (git {commit}{', with local changes' if changed else ''})"
+    return (f"{line}; Python {platform.python_version()}, torch {installed('torch')}, "
+            f"optuna {installed('optuna')}")
+
+
+class _Version(argparse.Action):
+    """--version: print `version_line()` and exit (computed only when asked: it runs git)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The `repnas` parser, built from COMMANDS (a command's arguments are added when that command is parsed)."""
     parser = arg.Parser(prog="repnas", description="Search, fuse, prune and rank RepVGG-YOLO detectors.")
+    parser.add_argument("--version", action=_Version, help="print the version (and git commit) and exit")
     _add_commands(parser, COMMANDS, "command", "COMMAND")
     return parser
 

@@ -52,7 +52,21 @@ class Parser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}{_did_you_mean(message)} (see {self.prog} --help)\n")
+
+
+def _did_you_mean(message: str) -> str:
+    """'; did you mean 'search'?' for argparse's "invalid choice: 'serch' (choose from 'build', ...)" (a mistyped
+    command or choice), when one choice is close enough; else ''. Reads both quoted and plain choice lists."""
+    import difflib
+    import re
+
+    found = re.search(r"invalid choice: (['\"]?)(.*?)\1 \(choose from (.*)\)$", message)
+    if found is None or "did you mean" in message or "maybe you meant" in message:
+        return ""
+    choices = [c.strip().strip("'\"") for c in found.group(3).split(",")]
+    close = difflib.get_close_matches(found.group(2), choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 class DeprecatedAlias(argparse.Action):
@@ -142,6 +156,14 @@ DEVICE_HELP = "auto, cpu, cuda or cuda:N (default %(default)s)"
 QUIET_HELP = "no progress bars or info lines"
 
 
+def add_source(p: argparse.ArgumentParser) -> None:
+    """SOURCE and --weights: a trained model, as `nas.source.load_source` reads it (with --storage/--results for
+    STUDY:TRIAL); the same for every command that takes one (val, prune, export-model)."""
+    p.add_argument("source", metavar="SOURCE", help="STUDY:TRIAL (e.g. default:3), a trial or `repnas train` folder, a "
+                                                    "pruned-model folder, or MODEL.yaml with --weights")
+    p.add_argument("--weights", help="state_dict for a MODEL.yaml source (train-time or fused)")
+
+
 def add_study_location(p: argparse.ArgumentParser) -> None:
     """--storage and --results: where a study lives (for a study's commands and STUDY:TRIAL sources)."""
     p.add_argument("--storage", help="Optuna storage URL of the study (default: DIR/NAME/study.log, a journal file)")
@@ -180,7 +202,7 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
                    help="any other proxy training setting, a ProxyConfig field (nas/train.py), nested with dots: "
                         "fraction=0.5 obj_ref_imgsz=160 loss.obj=2 augment.mosaic=0.5 lr0=0.004 seed=1")
     p.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default {DEFAULTS['device']})")
-    p.add_argument("--baseline", help="baseline: a YAML of Arch params or a model YAML (default: the seed)")
+    p.add_argument("--baseline", help="baseline: a YAML of Arch params, a model YAML, or `seed` (the default)")
     p.add_argument("--max-failures", type=positive_int,
                    help=f"stop after this many failed trials (default {DEFAULTS['max_failures']})")
     p.add_argument("--max-latency-ms", type=positive_float,
@@ -207,7 +229,7 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=devices, metavar="0,1,..",
                    help="CUDA devices: worker i uses device i mod len (sets --workers to at least len)")
     p.add_argument("--enqueue", nargs="+", metavar="A.yaml",
-                   help="known candidates to try first: YAMLs of Arch params or model YAMLs")
+                   help="known candidates to try first: YAMLs of Arch params, model YAMLs, or `seed`")
     p.add_argument("--force", action="store_true", help="on resume, accept changed settings that make trials "
                                                         "incomparable")
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)

@@ -54,6 +54,7 @@ BOX_OVERSHOOT = 0.01  # normalised coordinates up to 1% outside the image are cl
 CACHE_VERSION = 3  # 2: images decoded by mode and bit depth (nas.images); 32-bit and float images skipped
 #                   3: label lookup (letter-case variants used; the lookup's outcome in the key)
 _WARNED: set[tuple[str, str]] = set()  # (content key, split) or (file, "orphan") already warned about
+_SAID: set[tuple[str, ...]] = set()  # info lines said once per process (`_info_once`): split summaries, roots
 PAD_VALUE = 114  # YOLOv5's letterbox grey
 
 
@@ -105,12 +106,12 @@ def _resolve_root(raw, yaml_path: Path) -> Path:
         return path
     beside = (yaml_path.parent / path).resolve()
     if beside.is_dir():
-        LOG.info("%s: dataset root %s (path %r, relative to the data.yaml's folder)", yaml_path, beside, raw)
+        _info_once("%s: dataset root %s (path %r, relative to the data.yaml's folder)", yaml_path, beside, raw)
         return beside
     cwd = (Path.cwd() / path).resolve()
     if cwd.is_dir():
-        LOG.info("%s: dataset root %s (path %r is not beside the data.yaml; taken relative to the working "
-                 "directory)", yaml_path, cwd, raw)
+        _info_once("%s: dataset root %s (path %r is not beside the data.yaml; taken relative to the working "
+                   "directory)", yaml_path, cwd, raw)
         return cwd
     return beside
 
@@ -477,8 +478,18 @@ def index_split(images: Sequence[Path], nc: int, split: str, where: str, *, work
     index, key = _index(images, nc, split, where, workers, use_cache)
     _report(index, key, split, summary=False)
     _require_usable(index, split, where)
-    LOG.info(index.summary(split))
+    _info_once(index.summary(split), about=(key, split))
     return index
+
+
+def _info_once(message: str, *args, about: tuple[str, ...] = ()) -> None:
+    """Log an info line the first time this process says it (`about`: what it describes, beside its text): a command
+    indexes one split several times (the dataset check, training, each evaluation; every trial of a study), and the
+    split's summary or the data.yaml's root is news only once. Another dataset with the same counts is said again."""
+    line = (*about, message, *map(str, args))
+    if line not in _SAID:
+        _SAID.add(line)
+        LOG.info(message, *args)
 
 
 def _misplaced_hint(misplaced: Sequence[LabelLookup]) -> str:
@@ -561,7 +572,7 @@ def _report(index: SplitIndex, key: str, split: str, summary: bool = True) -> No
             if "converted" in note:
                 LOG.warning("%s split: %d %s", split, count, note.replace("images", "image(s)"))
     if summary:
-        LOG.info(index.summary(split))
+        _info_once(index.summary(split), about=(key, split))
 
 
 def check_dataset(cfg: DataConfig) -> dict[str, SplitIndex]:

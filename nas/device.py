@@ -31,7 +31,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def device_label(info: dict) -> str:
     """A latency record's device (`nas.latency.device_info`) in one phrase: the GPU's name, or the CPU's name and
-    the threads it was timed with ("CPU AMD EPYC 7B13, 1 threads")."""
+    the threads it was timed with ("CPU AMD EPYC 7B13, 1 thread", "..., 2 threads")."""
     if info.get("type") == "cuda":
         return str(info.get("name"))
-    return f"CPU {info.get('name')}, {info.get('threads')} threads"
+    threads = info.get("threads")
+    return f"CPU {info.get('name')}, {threads} thread{'' if threads == 1 else 's'}"

@@ -1,5 +1,9 @@
 """Files and locks for everything in nas/: the one atomic writer (`pruning.atomic`, re-exported), the one file
-lock class, weights as bytes, and host-wide lock paths."""
+lock class, weights as bytes, host-wide lock paths, and how much disk a folder takes.
+
+Every file repnas creates gets the permissions a plain `open()` gives (0o666 less the user's umask) and every folder
+those of `mkdir` (0o777 less the umask): a study folder shared over NFS is readable by the group when the umask lets
+it be (tests/nas/test_umask.py runs each kind of file under umask 0o022 and 0o077)."""
 
 from __future__ import annotations
 
@@ -8,10 +12,10 @@ import tempfile
 import threading
 from pathlib import Path
 
-from pruning.atomic import atomic_path, write_bytes_atomic, write_text_atomic
+from pruning.atomic import atomic_path, current_umask, write_bytes_atomic, write_text_atomic
 
-__all__ = ["FileLock", "atomic_path", "host_lock_path", "state_dict_bytes", "write_bytes_atomic",
-           "write_text_atomic"]
+__all__ = ["FileLock", "atomic_path", "current_umask", "folder_bytes", "format_bytes", "host_lock_path",
+           "state_dict_bytes", "write_bytes_atomic", "write_text_atomic"]
 
 
 def state_dict_bytes(model) -> bytes:
@@ -48,7 +52,8 @@ class FileLock:
         except ImportError:  # pragma: no cover - Windows
             return True
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask, as open(): with umask 0o002 a
+        # group sharing the study folder can open it read-write, which flock needs
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except BaseException:
@@ -76,3 +81,29 @@ class FileLock:
 def host_lock_path(name: str) -> Path:
     """A lock file shared by every process of this user on this machine (e.g. the latency phase)."""
     return Path(tempfile.gettempdir()) / f"repnas-{os.getuid() if hasattr(os, 'getuid') else 'user'}-{name}.lock"
+
+
+def folder_bytes(path: str | Path) -> int:
+    """Bytes of the regular files under `path` (symlinks not followed; files gone meanwhile not counted)."""
+    import stat
+
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
+
+
+def format_bytes(n: int) -> str:
+    """`n` bytes for a person: '812 B', '1.5 MB', '2.0 GB' (powers of 1000, as `du --si` prints)."""
+    if n < 1000:
+        return f"{n} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+NOISY_SPREAD = 1.3  # p90 / median above this: the machine was busy while timing (a quiet one stays near 1.05)
+
 
 @dataclass(frozen=True)
 class LatencyConfig:
@@ -63,6 +65,24 @@ class Latency:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def spread(self) -> float:
+        """p90 / median: how far the slow tail reaches; above NOISY_SPREAD the figures are not to be trusted."""
+        return self.p90_ms / self.median_ms
+
+    @property
+    def noisy(self) -> bool:
+        return self.spread > NOISY_SPREAD
+
+
+def noise_warning(lat: Latency) -> str | None:
+    """A sentence saying the machine was busy while `lat` was timed (None when its p90/median looks quiet)."""
+    if not lat.noisy:
+        return None
+    return (f"p90/median {lat.spread:.2f} > {NOISY_SPREAD:g}: this machine was busy while timing (other processes "
+            "compete for its cores), so these figures are inflated and vary from run to run; time again on a quiet "
+            "machine")
 
 
 def _cpu_name() -> str:

@@ -1,9 +1,16 @@
 """ONNX export of fused (and pruned) detectors, checked against PyTorch with onnxruntime.
 
-The exported graph takes `images` (B, 3, H, W) float 0..1 and returns `output` (B, N, 5 + nc): YOLOv5's decoded
-predictions (xywh in input pixels, objectness, class scores), the batch axis dynamic. It uses torch's TorchScript
-exporter (`dynamo=False`), which needs only `onnx`; onnxruntime runs the check. Both come with the `onnx` extra:
-`pip install -e ".[onnx]"`.
+The exported graph takes `images` (batch, 3, H, W): RGB, float32 0..1, letterboxed to H x W as YOLOv5 does. It
+returns `output` (batch, N, 5 + nc), only the batch axis dynamic: YOLOv5's decoded predictions before NMS, one row
+per anchor and grid cell (N = anchors x (H/8 x W/8 + H/16 x W/16 + H/32 x W/32), level by level), columns x, y, w, h
+(box centre and size in input pixels), objectness and nc class scores (both after the sigmoid, 0..1; YOLOv5's
+confidence is objectness x class score). NMS is not in the graph: apply it to the output (`nas.metrics` uses
+confidence 0.001 and IoU 0.6 for mAP; deployments usually keep confidence >= 0.25).
+
+It uses torch's TorchScript exporter (`dynamo=False`), which needs only `onnx`; torch >= 2.9 marks it deprecated
+(its default, the torch.export-based exporter, needs `onnxscript`; see benchmarks/RESULTS.md). That exporter leaves
+the output's last two dimensions symbolic with generated names; they are fixed to their values here. onnxruntime
+runs the check. Both come with the `onnx` extra: `pip install -e ".[onnx]"`.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from pruning.atomic import atomic_path
 from space.errors import RepnasError
 
 OPSET = 17
-TOLERANCE = 1e-4
+TOLERANCE = 1e-4  # max |onnxruntime - PyTorch| with the box columns divided by the input size (every column 0..1)
+EXPORTER = "torch's TorchScript-based exporter (dynamo=False)"
 
 
 class OnnxUnavailable(RepnasError):
@@ -35,7 +43,7 @@ class _Decoded(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)[0]
+        return self.model(x)[0]  # (B, N, 5 + nc)
 
 
 def _require() -> None:
@@ -47,28 +55,70 @@ def _require() -> None:
                               'pip install -e ".[onnx]"') from None
 
 
+def output_layout(model: nn.Module, h: int, w: int) -> str:
+    """The output's rows and columns in words, for `model`'s Detect head at input size h x w."""
+    from space.blocks import Detect
+
+    detect = next(m for m in model.modules() if isinstance(m, Detect))
+    strides = [int(s) for s in detect.stride.tolist()]
+    cells = " + ".join(f"{h // s}x{w // s}" for s in strides)
+    rows = detect.na * sum((h // s) * (w // s) for s in strides)
+    return (f"{rows} rows, one per anchor and grid cell ({detect.na} anchors x ({cells}) at strides "
+            f"{', '.join(map(str, strides))}); {5 + detect.nc} columns: x, y, w, h (box centre and size in input "
+            f"pixels), objectness, {detect.nc} class scores (both after the sigmoid, 0..1; confidence = objectness x "
+            "class score); NMS not included: apply it to the output")
+
+
 def export_onnx(model: nn.Module, path: str | Path, imgsz: int | tuple[int, int] = 640, *,
                 opset: int = OPSET, check: bool = True) -> dict:
     """Write `model` (fused or pruned, float32) as ONNX to `path`; with `check`, run it in onnxruntime on a seeded
-    input of batch 2 and compare with PyTorch. Returns {"path", "imgsz", "opset", "max_abs_diff", "max_rel_diff"};
-    raises RepnasError when the difference is >= TOLERANCE relative to the output's scale (see `compare`)."""
+    input of batch 2 and compare with PyTorch before the file takes its name.
+
+    Returns {"path", "imgsz", "opset", "exporter", "input_shape", "output_shape", "layout"} and with `check`
+    {"max_abs_diff", "max_abs_diff_normalised", "tolerance", "verdict", "shape"}. Raises RepnasError, with `path`
+    untouched, when the normalised difference is >= TOLERANCE (see `compare`).
+    """
     _require()
+    import onnx
+
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapped = _Decoded(copy.deepcopy(model)).to("cpu", torch.float32).eval()  # the caller's model stays as is
     x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
-    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # TorchScript tracer notes on the grid cache and shape arithmetic
-        torch.onnx.export(wrapped, (x,), str(tmp), dynamo=False, opset_version=opset, input_names=["images"],
-                          output_names=["output"], dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}})
-    report = {"path": str(path), "imgsz": [h, w], "opset": opset}
-    if check:
-        report |= compare(wrapped, path, torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(1)))
-        if not report["max_abs_diff_normalised"] < TOLERANCE:
-            raise RepnasError(f"{path}: onnxruntime's output differs from PyTorch's by {report['max_abs_diff']:.2e} "
-                              f"(normalised {report['max_abs_diff_normalised']:.2e} >= {TOLERANCE:g})")
+    with torch.no_grad():
+        rows, columns = wrapped(x).shape[1:]  # (1, N, 5 + nc)
+    report = {"path": str(path), "imgsz": [h, w], "opset": opset, "exporter": EXPORTER,
+              "input_shape": ["batch", 3, h, w], "output_shape": ["batch", rows, columns],
+              "layout": output_layout(wrapped, h, w)}
+    with atomic_path(path) as tmp:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes (grid cache, shapes)
+            torch.onnx.export(wrapped, (x,), str(tmp), dynamo=False, opset_version=opset, input_names=["images"],
+                              output_names=["output"], dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}})
+        graph = onnx.load(str(tmp))
+        _fix_output_dims(graph, ["batch", rows, columns])
+        onnx.checker.check_model(graph)
+        onnx.save(graph, str(tmp))
+        if check:
+            report |= compare(wrapped, tmp, torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(1)))
+            report |= {"tolerance": TOLERANCE,
+                       "verdict": "PASS" if report["max_abs_diff_normalised"] < TOLERANCE else "FAIL"}
+            if report["verdict"] != "PASS":
+                raise RepnasError(f"{path}: onnxruntime's output differs from PyTorch's by {report['max_abs_diff']:.2e}"
+                                  f" (normalised {report['max_abs_diff_normalised']:.2e} >= the tolerance "
+                                  f"{TOLERANCE:g}); nothing written: the export is not faithful, report the model")
     return report
+
+
+def _fix_output_dims(graph, dims: list) -> None:
+    """Name or fix each dimension of the graph's one output: a str is a symbolic name, an int a fixed size."""
+    (output,) = graph.graph.output
+    for dim, value in zip(output.type.tensor_type.shape.dim, dims, strict=True):
+        if isinstance(value, str):
+            dim.dim_param = value
+        else:
+            dim.dim_value = int(value)  # (setting the value clears the generated dim_param)
 
 
 def compare(model: nn.Module, path: str | Path, x: torch.Tensor) -> dict:

@@ -2,9 +2,11 @@
 
 The study hands one `TrialRecord` per trial (it converts Optuna trials; this module never imports Optuna).
 `pareto_table` ranks them, `export_pareto` writes `pareto.{md,csv,html,json,png}` with atomic replaces, so it is
-safe to call after every trial while readers watch the files.
+safe to call after every trial while readers watch the files. What each column holds, and its order (the columns a
+user decides on first), is written once, in `_COLUMN_GROUPS`; the md/html legends and the JSON header read it.
 
-Objectives: maximise `map50_95`, minimise `latency_ms`.
+Objectives: maximise `map50_95`, minimise `latency_ms` (the latency ratio to the baseline, timed interleaved, x the
+baseline's latency frozen when the study was created); `latency_measured_ms` is the trial's own measured median.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from space.errors import ConfigError
 
 STAGE_NAMES = ("P1", "P2", "P3", "P4", "P5")
 FORMATS = ("md", "csv", "html", "json")  # pareto.png is always written
-JSON_SCHEMA = "repnas.pareto/1"
+JSON_SCHEMA = "repnas.pareto/2"  # /2: decision columns first, rank -> front_rank, + latency_measured_ms, arch, head_*
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class TrialRecord:
     stages: tuple[tuple[int, int, bool], ...]  # per backbone stage P1..P5: (depth, width, se)
     yaml_path: str | None
     is_baseline: bool = False
+    latency_measured_ms: float | None = None  # this trial's own measured median (latency_ms is the objective)
+    head_width: float | None = None  # the Arch's head width factor and C3 depth (None: unknown)
+    head_depth: int | None = None
     pruned: float | None = None  # the deploy-FLOPs fraction the ranked model was pruned to (None: not pruned)
     confirmed_map50_95: float | None = None  # mean over seeds at the longest `repnas confirm` budget (None: none)
     confirmed_std: float | None = None  # its standard deviation over seeds (ddof=1; None below 2 seeds)
@@ -137,22 +142,94 @@ def _stage_names(n_stages: int) -> list[str]:
     return [*STAGE_NAMES, *(f"P{i + 1}" for i in range(len(STAGE_NAMES), n_stages))]
 
 
-def _stage_columns(n_stages: int) -> list[str]:
-    return [f"{name}_{field}" for name in _stage_names(n_stages) for field in ("depth", "width", "se")]
+def arch_short(stages: Sequence[tuple[int, int, bool]], head_width: float | None = None,
+               head_depth: int | None = None) -> str:
+    """An Arch in one line, a token per kind of dimension: "d1-2-4-8-1 w16-24-48-96-192 se--+-- h0.5x1" = blocks
+    (depth) and output channels (width) of the backbone stages P1..P5, squeeze-excitation per stage (+ on, - off),
+    head width factor x C3 depth (left out when unknown). '' without stages."""
+    if not stages:
+        return ""
+    text = (f"d{'-'.join(str(d) for d, _, _ in stages)} w{'-'.join(str(w) for _, w, _ in stages)} "
+            f"se{''.join('+' if se else '-' for _, _, se in stages)}")
+    if head_width is not None and head_depth is not None:
+        text += f" h{head_width:g}x{head_depth}"
+    return text
+
+
+# Every column in export order, in groups: name -> (md/html header, what it holds). The decision columns lead.
+_COLUMN_GROUPS: dict[str, dict[str, tuple[str, str]]] = {
+    "decision": {
+        "trial": ("trial", "the Optuna trial number (its files are in trials/N/)"),
+        "map50_95": ("mAP50-95", "mAP@0.5:0.95 of the deployed network after the proxy training (objective, "
+                                 "maximised)"),
+        "map50": ("mAP50", "mAP@0.5 of the same evaluation"),
+        "latency_measured_ms": ("latency measured (ms)", "this trial's own measured median latency of one forward "
+                                                         "pass of the deployed network"),
+        "latency_ms": ("latency objective (ms)", "the search objective (minimised): ratio to the baseline x the "
+                                                 "baseline's latency frozen when the study was created"),
+        "latency_ratio": ("ratio to baseline", "median latency / the baseline's, the two timed interleaved in one "
+                                               "session (what a busy machine disturbs least)"),
+        "params_m": ("params (M)", "parameters of the deployed (fused, pruned when pruned) network, in millions"),
+        "gflops_deploy": ("GFLOPs", "GFLOPs of the deployed network at the latency input size"),
+        "arch": ("arch", "the Arch in short form: d = blocks per backbone stage P1..P5, w = their output channels, "
+                         "se = squeeze-excitation per stage (+ on, - off), h = head width factor x C3 depth"),
+    },
+    "confirmed": {
+        "confirmed_map50_95": ("confirmed mAP50-95", "mean mAP50-95 over seeds when retrained at the longer "
+                                                     "`repnas confirm` budget (empty: not confirmed)"),
+        "confirmed_std": ("confirmed std", "its standard deviation over seeds (empty below 2 seeds)"),
+        "confirmed_runs": ("confirmed runs", "confirmation runs (seeds) behind confirmed_map50_95"),
+        "confirmed_pareto": ("survived", "on the front of confirmed mAP50-95 against latency among the confirmed "
+                                         "trials: which front rows survived confirmation (empty: not confirmed)"),
+    },
+    "front": {
+        "pareto": ("on front", "on the Pareto front: no other finished trial is at least as good in mAP50-95 and "
+                               "the latency objective and better in one"),
+        "front_rank": ("front position", "position on the front by ascending latency objective, 1 = fastest "
+                                         "(empty off the front)"),
+        "dominates_baseline": ("beats baseline", "at least as good as the baseline in both objectives and better "
+                                                 "in one"),
+        "baseline": ("baseline", "the study's baseline design"),
+        "pruned": ("pruned to", "the deploy-FLOPs fraction the ranked network was channel-pruned to (empty: not "
+                                "pruned)"),
+    },
+    "arch": {},  # the searched dimensions, one column each: see _arch_columns
+    "where": {
+        "device": ("latency device", "where latency was timed: the GPU, or the CPU and the threads it used"),
+        "yaml": ("model YAML", "the trial's model.yaml, relative to the study folder"),
+        "state": ("state", "the trial's Optuna state: COMPLETE (or PRUNED, stopped early, with both objectives)"),
+    },
+}
+_STAGE_FIELDS = {"depth": "blocks", "width": "output channels", "se": "squeeze-excitation"}
+_HEAD_COLUMNS = {"head_width": ("head width", "head width factor on the seed design's head Conv/C3 channels"),
+                 "head_depth": ("head depth", "bottlenecks per head C3")}
+_HV_NOTE = ("the area of the (latency objective, mAP50-95) plane that the finished trials dominate, bounded by the "
+            "reference point; larger is better, and it grows only when a trial extends the front, so it tracks the "
+            "search's progress in one number")
+
+
+def _arch_columns(n_stages: int) -> dict[str, tuple[str, str]]:
+    stages = {f"{name}_{field}": (f"{name} {field}", f"backbone stage {name}: {what}")
+              for name in _stage_names(n_stages) for field, what in _STAGE_FIELDS.items()}
+    return stages | _HEAD_COLUMNS
+
+
+def _column_catalogue(n_stages: int = len(STAGE_NAMES)) -> dict[str, tuple[str, str]]:
+    """name -> (header, description) for every column, in export order."""
+    out: dict[str, tuple[str, str]] = {}
+    for group, columns in _COLUMN_GROUPS.items():
+        out |= _arch_columns(n_stages) if group == "arch" else columns
+    return out
 
 
 def _columns(n_stages: int = len(STAGE_NAMES)) -> list[str]:
-    return [
-        "rank", "trial", "map50_95", "map50", "latency_ms", "device", "latency_ratio", "params_m", "gflops_deploy",
-        "pruned", *_stage_columns(n_stages), "dominates_baseline", "pareto", "confirmed_map50_95", "confirmed_std",
-        "confirmed_runs", "confirmed_pareto", "baseline", "yaml", "state",
-    ]
+    return list(_column_catalogue(n_stages))
 
 
 def pareto_table(records: Iterable[TrialRecord]) -> pd.DataFrame:
-    """Every finished trial, one row each: the front first (rank 1.. by ascending latency), then the rest.
+    """Every finished trial, one row each: the front first (front_rank 1.. by ascending latency), then the rest.
 
-    Finished = COMPLETE, or PRUNED with both objectives. `rank` is <NA> off the front. `dominates_baseline` is
+    Finished = COMPLETE, or PRUNED with both objectives. `front_rank` is <NA> off the front. `dominates_baseline` is
     True when the trial is >= the baseline in mAP and <= in latency with one strict (False for the baseline
     itself, and everywhere when no finished baseline has both objectives). `confirmed_pareto`: on the front of the
     confirmed mAP50-95 against latency among the confirmed trials (<NA> for a trial not confirmed; with `pareto`
@@ -179,12 +256,16 @@ def pareto_table(records: Iterable[TrialRecord]) -> pd.DataFrame:
         "trial": pd.array([r.number for r in rows], dtype="Int64"),
         "map50_95": m,
         "map50": [_float(r.map50) for r in rows],
+        "latency_measured_ms": [_float(r.latency_measured_ms) for r in rows],
         "latency_ms": lat,
-        "device": [r.device for r in rows],
         "latency_ratio": [_float(r.latency_ratio) for r in rows],
         "params_m": [np.nan if r.params is None else r.params / 1e6 for r in rows],
         "gflops_deploy": [_float(r.gflops_deploy) for r in rows],
+        "arch": [arch_short(r.stages, r.head_width, r.head_depth) for r in rows],
         "pruned": [_float(r.pruned) for r in rows],
+        "head_width": [_float(r.head_width) for r in rows],
+        "head_depth": pd.array([r.head_depth for r in rows], dtype="Int64"),
+        "device": [r.device for r in rows],
     }
     for s, name in enumerate(_stage_names(n_stages)):
         stage = [r.stages[s] if s < len(r.stages) else None for r in rows]
@@ -211,7 +292,7 @@ def pareto_table(records: Iterable[TrialRecord]) -> pd.DataFrame:
     df = pd.DataFrame(data)
     df = df.sort_values(["pareto", "latency_ms", "map50_95", "trial"], ascending=[False, True, False, True],
                         na_position="last", kind="stable").reset_index(drop=True)
-    df.insert(0, "rank", pd.array([i + 1 if p else None for i, p in enumerate(df["pareto"])], dtype="Int64"))
+    df["front_rank"] = pd.array([i + 1 if p else None for i, p in enumerate(df["pareto"])], dtype="Int64")
     return df[columns]
 
 
@@ -221,20 +302,25 @@ def _float(x: float | None) -> float:
 
 def export_pareto(records: Iterable[TrialRecord], out_dir: str | Path, formats: Sequence[str] | str = FORMATS, *,
                   reference: tuple[float, float] | None = None, title: str = "",
-                  confirmed_budget: str | None = None) -> dict[str, Path]:
+                  confirmed_budget: str | None = None, baseline_latency_ms: float | None = None,
+                  latency_setup: str = "", warnings: Sequence[str] = ()) -> dict[str, Path]:
     """Write pareto.{md,csv,html,json} as asked, and always pareto.png, into `out_dir`; return name -> path.
 
-    md: the front only, with a hypervolume line. csv/json: every finished trial with its `pareto` flag.
-    html: the front and all trials. Each file is replaced atomically, so this is safe after every trial.
-    `reference` defaults to `default_reference(records)`. `confirmed_budget` ("epochs=E,imgsz=I"): the budget the
-    confirmed_* columns were retrained at (`repnas confirm`), said in every file.
+    md: a report of the front (the decision columns, a hypervolume line, a legend of the columns). csv/json: every
+    finished trial with every column. html: the front as in the md, then all trials. png: mAP50-95 against the
+    latency objective, front points labelled with their trial numbers. Each file is replaced atomically, so this is
+    safe after every trial. `reference` defaults to `default_reference(records)`. `confirmed_budget`
+    ("epochs=E,imgsz=I"): the budget the confirmed_* columns were retrained at (`repnas confirm`).
+    `baseline_latency_ms`: the frozen baseline latency the objective is scaled by; `latency_setup`: how latency was
+    timed, in words ("640x640 px, batch 1"); `warnings`: sentences every file repeats (a noisy baseline).
 
-    pareto.json layout:
-        {"header": {"schema": "repnas.pareto/1", "title", "generated_at" (UTC ISO 8601),
+    pareto.json layout (schema repnas.pareto/2):
+        {"header": {"schema": "repnas.pareto/2", "title", "generated_at" (UTC ISO 8601),
                     "objectives": {"map50_95": "maximize", "latency_ms": "minimize"},
+                    "baseline_latency_ms" (frozen, or null), "latency_setup", "warnings": [...],
                     "reference": {"map50_95", "latency_ms", "rule"}, "hypervolume",
                     "n_trials", "n_pareto", "baseline_trial" (or null), "devices", "confirmed_budget" (or null),
-                    "columns"},
+                    "columns", "column_descriptions": {column: what it holds}},
          "trials": [one object per table row, keys = columns, missing values null]}
     """
     wanted = _parse_formats(formats)
@@ -248,12 +334,13 @@ def export_pareto(records: Iterable[TrialRecord], out_dir: str | Path, formats: 
     hv = hypervolume(df["map50_95"].astype(float), df["latency_ms"].astype(float), reference)
     summary = _Summary(title=title or "Pareto front: mAP50-95 vs latency", reference=reference, rule=rule,
                        hypervolume=hv, n_trials=len(df), n_pareto=len(front), devices=_devices(df),
-                       confirmed_budget=confirmed_budget)
+                       confirmed_budget=confirmed_budget, baseline_latency_ms=baseline_latency_ms,
+                       latency_setup=latency_setup, warnings=tuple(warnings))
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    writers = {"md": lambda: _markdown(front, summary), "csv": lambda: df.to_csv(index=False),
-               "html": lambda: _html(df, front, summary), "json": lambda: _json(df, summary)}
+    writers = {"md": lambda: _markdown(df, summary), "csv": lambda: df.to_csv(index=False),
+               "html": lambda: _html(df, summary), "json": lambda: _json(df, summary)}
     paths: dict[str, Path] = {}
     for fmt in wanted:
         paths[fmt] = out_dir / f"pareto.{fmt}"
@@ -289,11 +376,14 @@ class _Summary:
     n_pareto: int
     devices: tuple[str, ...]
     confirmed_budget: str | None = None
+    baseline_latency_ms: float | None = None
+    latency_setup: str = ""
+    warnings: tuple[str, ...] = ()
 
     def line(self) -> str:
         ref_map, ref_latency = self.reference
         return (f"Hypervolume {self.hypervolume:.6g} (reference: mAP50-95 = {ref_map:g}, "
-                f"latency = {ref_latency:.4g} ms, {self.rule}); "
+                f"latency objective = {ref_latency:.4g} ms, {self.rule}); "
                 f"front: {self.n_pareto} of {self.n_trials} finished trials." + (
                     f" confirmed_* columns: retrained at {self.confirmed_budget} (`repnas confirm`); "
                     "confirmed_pareto marks the front of confirmed mAP50-95 against latency."
@@ -302,13 +392,21 @@ class _Summary:
     def device_label(self) -> str:
         return " | ".join(self.devices) if self.devices else "unknown device"
 
+    def latency_line(self) -> str:
+        """Where and how latency was timed, and what the objective is."""
+        frozen = (f"{self.baseline_latency_ms:.3f} ms" if self.baseline_latency_ms is not None
+                  else "its figure")
+        return (f"Latency timed on {self.device_label()}" + (f", {self.latency_setup}" if self.latency_setup else "")
+                + f". The latency objective is the ratio to the baseline x the baseline's latency frozen when the "
+                f"study was created ({frozen}); latency measured is each trial's own median.")
+
 
 def _devices(df: pd.DataFrame) -> tuple[str, ...]:
     return tuple(dict.fromkeys(d for d in df["device"] if isinstance(d, str) and d))
 
 
-_DECIMALS = {"map50_95": 4, "map50": 4, "latency_ms": 3, "latency_ratio": 3, "params_m": 3, "gflops_deploy": 2,
-             "pruned": 2, "confirmed_map50_95": 4, "confirmed_std": 4}
+_DECIMALS = {"map50_95": 4, "map50": 4, "latency_measured_ms": 3, "latency_ms": 3, "latency_ratio": 3,
+             "params_m": 3, "gflops_deploy": 3, "pruned": 2, "confirmed_map50_95": 4, "confirmed_std": 4}
 
 
 def _cell(column: str, value: object) -> str:
@@ -316,27 +414,72 @@ def _cell(column: str, value: object) -> str:
         return ""
     if column in _DECIMALS:
         return f"{float(value):.{_DECIMALS[column]}f}"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _markdown(front: pd.DataFrame, summary: _Summary) -> str:
-    lines = [f"# {summary.title}", "", f"Latency measured on: {summary.device_label()}.", "", summary.line(), ""]
-    columns = [c for c in front.columns if c != "pareto"]
-    if front.empty:
+def _report(df: pd.DataFrame) -> pd.DataFrame:
+    """The front as the md and html show it: the decision columns, the confirmed ones when there are any, the
+    pruning fraction when any trial was pruned, and a note (baseline / beats baseline); cells as text."""
+    front = df[df["pareto"].astype(bool)]
+    columns = list(_COLUMN_GROUPS["decision"])
+    if (df["confirmed_runs"].fillna(0) > 0).any():
+        columns += list(_COLUMN_GROUPS["confirmed"])
+    if df["pruned"].notna().any():
+        columns.append("pruned")
+    out = pd.DataFrame({c: [_cell(c, v) for v in front[c]] for c in columns})
+    out["note"] = ["baseline" if b else ("beats baseline" if d else "")
+                   for b, d in zip(front["baseline"], front["dominates_baseline"])]
+    return out
+
+
+def _legend(columns: Sequence[str], n_stages: int) -> list[tuple[str, str | None, str]]:
+    """(header, csv/json column name, description) of `columns`, then the hypervolume (no column)."""
+    catalogue = _column_catalogue(n_stages) | {"note": ("note", "the baseline, or a trial that beats it")}
+    return [(catalogue[c][0], None if c == "note" else c, catalogue[c][1]) for c in columns] + [
+        ("hypervolume (HV)", None, _HV_NOTE)]
+
+
+def _n_stages(df: pd.DataFrame) -> int:
+    return sum(c.endswith("_depth") and c != "head_depth" for c in df.columns)
+
+
+def _markdown(df: pd.DataFrame, summary: _Summary) -> str:
+    lines = [f"# {summary.title}", "", summary.latency_line(), ""]
+    lines += [f"**Warning:** {w}" for w in summary.warnings] + ([""] if summary.warnings else [])
+    lines += [summary.line(), ""]
+    report = _report(df)
+    catalogue = _column_catalogue(_n_stages(df)) | {"note": ("note", "")}
+    if report.empty:
         lines.append("No finished trial yet.")
     else:
-        lines += ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-        for row in front.itertuples(index=False):
-            values = dict(zip(front.columns, row))
-            lines.append("| " + " | ".join(_cell(c, values[c]) for c in columns) + " |")
+        lines.append(f"## Pareto front ({summary.n_pareto}), fastest first")
+        lines.append("")
+        headers = [catalogue[c][0] for c in report.columns]
+        lines += ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in report.itertuples(index=False)]
+    lines += ["", "## Columns", ""]
+    lines += [f"- **{name}**" + (f" (`{column}`)" if column and column != name else "") + f": {what}"
+              for name, column, what in _legend(list(report.columns), _n_stages(df))]
+    lines += ["", "Every finished trial, with every column (each searched dimension, front_rank, device, model "
+              "YAML), is in pareto.csv and pareto.json."]
     return "\n".join(lines) + "\n"
 
 
-def _html(df: pd.DataFrame, front: pd.DataFrame, summary: _Summary) -> str:
+def _html(df: pd.DataFrame, summary: _Summary) -> str:
     def table(frame: pd.DataFrame) -> str:
         return frame.to_html(index=False, na_rep="", border=0, classes="pareto")
 
     title = html.escape(summary.title)
+    report = _report(df)
+    catalogue = _column_catalogue(_n_stages(df)) | {"note": ("note", "")}
+    front = report.rename(columns={c: catalogue[c][0] for c in report.columns})
+    warnings = "".join(f"<p><strong>Warning:</strong> {html.escape(w)}</p>\n" for w in summary.warnings)
+    legend = "".join(f"<dt>{html.escape(column or name)}"
+                     + (f" &mdash; {html.escape(name)}" if column and column != name else "")
+                     + f"</dt><dd>{html.escape(what)}</dd>"
+                     for name, column, what in _legend(list(df.columns), _n_stages(df)))
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -347,17 +490,20 @@ body {{ font-family: sans-serif; margin: 1.5em; }}
 table.pareto {{ border-collapse: collapse; font-size: 0.85em; }}
 table.pareto th, table.pareto td {{ border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: right; }}
 table.pareto th {{ background: #f0f0f0; }}
+dt {{ font-weight: bold; }}
 </style>
 </head>
 <body>
 <h1>{title}</h1>
-<p>Latency measured on: {html.escape(summary.device_label())}.</p>
-<p>{html.escape(summary.line())}</p>
+<p>{html.escape(summary.latency_line())}</p>
+{warnings}<p>{html.escape(summary.line())}</p>
 <img src="pareto.png" alt="mAP50-95 against latency">
-<h2>Pareto front ({summary.n_pareto})</h2>
+<h2>Pareto front ({summary.n_pareto}), fastest first</h2>
 {table(front)}
-<h2>All finished trials ({summary.n_trials})</h2>
+<h2>All finished trials ({summary.n_trials}), every column</h2>
 {table(df)}
+<h2>Columns</h2>
+<dl>{legend}</dl>
 </body>
 </html>
 """
@@ -366,11 +512,15 @@ table.pareto th {{ background: #f0f0f0; }}
 def _json(df: pd.DataFrame, summary: _Summary) -> str:
     trials = [{k: _jsonable(v) for k, v in row.items()} for row in df.to_dict("records")]
     baseline = df.loc[df["baseline"].astype(bool), "trial"]
+    catalogue = _column_catalogue(_n_stages(df))
     header = {
         "schema": JSON_SCHEMA,
         "title": summary.title,
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "objectives": {"map50_95": "maximize", "latency_ms": "minimize"},
+        "baseline_latency_ms": summary.baseline_latency_ms,
+        "latency_setup": summary.latency_setup,
+        "warnings": list(summary.warnings),
         "reference": {"map50_95": summary.reference[0], "latency_ms": summary.reference[1], "rule": summary.rule},
         "hypervolume": summary.hypervolume,
         "n_trials": summary.n_trials,
@@ -379,6 +529,7 @@ def _json(df: pd.DataFrame, summary: _Summary) -> str:
         "devices": list(summary.devices),
         "confirmed_budget": summary.confirmed_budget,
         "columns": list(df.columns),
+        "column_descriptions": {c: catalogue[c][1] for c in df.columns} | {"hypervolume": _HV_NOTE},
     }
     return json.dumps({"header": header, "trials": trials}, indent=1) + "\n"
 
@@ -391,7 +542,14 @@ def _jsonable(value: object) -> object:
 
 
 def _png(df: pd.DataFrame, summary: _Summary) -> bytes:
-    """mAP50-95 against latency: all finished trials, the front as a step line, the baseline marked."""
+    buf = io.BytesIO()
+    _figure(df, summary).savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _figure(df: pd.DataFrame, summary: _Summary):  # -> matplotlib.figure.Figure
+    """mAP50-95 against the latency objective: all finished trials, the front as a step line with each point's
+    trial number, the baseline marked."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy: only when plotting
     from matplotlib.figure import Figure  # no pyplot: no global state, no backend switch in the caller
 
@@ -403,7 +561,11 @@ def _png(df: pd.DataFrame, summary: _Summary) -> bytes:
     ax.scatter(lat[~on_front], m[~on_front], s=18, c="0.6", label="trials")
     if on_front.any():
         ax.step(lat[on_front], m[on_front], where="post", c="tab:blue", lw=1.2)  # front rows sorted by latency
-        ax.scatter(lat[on_front], m[on_front], s=28, c="tab:blue", label="Pareto front", zorder=3)
+        ax.scatter(lat[on_front], m[on_front], s=28, c="tab:blue", label="Pareto front (trial numbers)", zorder=3)
+        for x, y, trial in zip(lat[on_front], m[on_front], df.loc[on_front, "trial"]):
+            if math.isfinite(x) and math.isfinite(y):
+                ax.annotate(str(trial), (x, y), textcoords="offset points", xytext=(4, 4), color="tab:blue",
+                            fontsize=7)
     for x, y, trial in zip(lat[is_base], m[is_base], df.loc[is_base, "trial"]):
         if math.isfinite(x) and math.isfinite(y):
             ax.scatter([x], [y], s=140, marker="*", c="tab:red", zorder=4, label="baseline")
@@ -411,14 +573,13 @@ def _png(df: pd.DataFrame, summary: _Summary) -> bytes:
                         color="tab:red", fontsize=8)
     if df.empty:
         ax.text(0.5, 0.5, "no finished trial yet", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel(f"latency (ms, {summary.device_label()})")
+    ax.set_xlabel(f"latency objective (ms: ratio to the baseline x its frozen latency; {summary.device_label()})",
+                  fontsize=8)
     ax.set_ylabel("mAP50-95")
-    ax.set_title(f"{summary.title}\nHV {summary.hypervolume:.4g}, front {summary.n_pareto} of {summary.n_trials}",
-                 fontsize=10)
+    ax.set_title(f"{summary.title}\nhypervolume {summary.hypervolume:.4g}, front {summary.n_pareto} of "
+                 f"{summary.n_trials} finished trials", fontsize=10)
     ax.grid(True, alpha=0.3)
     if not df.empty:
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return fig

@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,28 +23,23 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from nas.data import DataConfig, YoloDataset, index_split, load_data_config, make_loader
+from nas.data import DataConfig, YoloDataset, index_split, make_loader
 from nas.device import resolve_device
 from nas.evaluate import evaluate
 from nas.files import write_text_atomic
 from nas.latency import LatencyConfig, measure_latency
 from nas.loss import DetectionLoss
 from nas.train import ProxyConfig, fit
-from pruning.channel import PruneResult, prune_to_flops
+from pruning.channel import PruneResult, parse_target, prune_to_flops
 from pruning.finetune import fold_batchnorms, insert_batchnorms
 from pruning.portable import save_pruned
 from space.cost import count_gflops, count_params
-from space.errors import RepnasError
 
 if TYPE_CHECKING:
     from nas.source import Source
 
 LOG = logging.getLogger("repnas.prune")
 CALIBRATION_BATCHES = 8
-
-
-class PruneDataError(RepnasError):
-    """A dataset that cannot serve a pruning job: its classes are not the model's."""
 
 
 @dataclass
@@ -102,8 +98,9 @@ class PruneReport:
         width = max(len(row[0]) for row in rows)
         lines = [f"{'':<{width}}  {'before':>14}  {'after':>14}"]
         lines += [f"{name:<{width}}  {before:>14}  {after:>14}" for name, before, after in rows]
-        lines.append(f"target {r.target_gflops:.3f} GFLOPs, achieved {r.gflops_after:.3f} ({r.error:+.2%}); "
-                     f"{r.importance} importance, channels rounded to {r.round_to}; {r.seconds:.1f} s to prune")
+        lines.append(f"target {r.target_gflops:.3f} GFLOPs at {self.imgsz} px, achieved {r.gflops_after:.3f} "
+                     f"({r.error:+.2%}); mAP at {self.eval_imgsz} px; {r.importance} importance, channels rounded to "
+                     f"{r.round_to}; {r.seconds:.1f} s to prune")
         return "\n".join(lines)
 
 
@@ -128,10 +125,20 @@ def _map(model: nn.Module, data: DataConfig, imgsz: int, device: torch.device) -
     return m.map50_95, m.map50
 
 
+def _measured(say: Callable[[str], None], what: str, evaluate_map: Callable[[], tuple[float, float]]):
+    """Evaluate with a line before (what is evaluated) and one after (the figures and the time)."""
+    say(f"evaluating {what}")
+    start = time.perf_counter()
+    pair = evaluate_map()
+    say(f"{what}: mAP50-95 {pair[0]:.4f} mAP50 {pair[1]:.4f} ({time.perf_counter() - start:.1f} s)")
+    return pair
+
+
 def prune_job(model: nn.Module, data: DataConfig | None, target: float | str, *, imgsz: int = 640,
               eval_imgsz: int = 160, importance: str = "taylor", round_to: int = 8, finetune_epochs: int = 0,
               finetune: ProxyConfig | None = None, device: str = "auto", evaluate_before: bool = True,
-              latency: LatencyConfig | None = None, measure: bool = True) -> PruneReport:
+              latency: LatencyConfig | None = None, measure: bool = True,
+              progress: Callable[[str], None] | None = None) -> PruneReport:
     """Prune the fused `model` to `target` deploy FLOPs, optionally fine-tune it, evaluate and time it.
 
     `model`: a fused (deploy-form) detector, e.g. `Source.model` or `pruning.reparam.fuse_model(...)`; it is copied,
@@ -144,7 +151,9 @@ def prune_job(model: nn.Module, data: DataConfig | None, target: float | str, *,
     data it falls back to "l2". `round_to`: kept channel counts are multiples of it. `finetune_epochs` K > 0: BatchNorms
     go in after each pruned conv, K epochs of `finetune` (default `ProxyConfig.finetune(epochs=K, imgsz=eval_imgsz)`),
     then they are folded back. `evaluate_before`: also measure the source's mAP. `latency`/`measure`: how, and
-    whether, to time the result against the source, interleaved (default `LatencyConfig.for_device`).
+    whether, to time the result against the source, interleaved (default `LatencyConfig.for_device`). `progress`
+    gets one line per step as it starts and ends (calibration batches, pruning, each evaluation, each fine-tuning
+    epoch, folding, latency); None: the "repnas.prune" logger at INFO (shown by the CLI unless --quiet).
 
     Returns a PruneReport: the final network (CPU, eval, deploy form), the PruneResult (GFLOPs at `imgsz`, params),
     (mAP50-95, mAP50) pairs in [0, 1] before, after pruning and after fine-tuning (None where not measured), the
@@ -152,6 +161,7 @@ def prune_job(model: nn.Module, data: DataConfig | None, target: float | str, *,
     detector or a bad target, importance or round_to; ValueError when `finetune_epochs` > 0 without `data`; the
     device errors of `resolve_device`; TrainingDiverged when fine-tuning diverges.
     """
+    say = progress or (lambda line: LOG.info("prune: %s", line))
     dev = resolve_device(device)
     seconds: dict[str, float] = {}
     source = copy.deepcopy(model).to(dev).eval()
@@ -162,6 +172,8 @@ def prune_job(model: nn.Module, data: DataConfig | None, target: float | str, *,
     batches, loss_fn = [], None
     if data is not None and (importance == "taylor" or finetune_epochs > 0):
         batches = training_batches(data, eval_imgsz, 8)
+        say(f"{len(batches)} calibration batches of the training split at {eval_imgsz} px "
+            f"({time.perf_counter() - start:.1f} s)")
     if importance == "taylor":
         from nas.loss import LossHyp
 
@@ -171,14 +183,26 @@ def prune_job(model: nn.Module, data: DataConfig | None, target: float | str, *,
             images, targets = batch
             return DetectionLoss(m, hyp)(m(images.to(dev)), targets.to(dev))[0]
 
+    before = count_gflops(source, imgsz)
+    say(f"pruning {before:.3f} -> {parse_target(target, before):.3f} deploy GFLOPs at {imgsz} px ({importance} "
+        "importance; each step builds the dependency graph, plans the channel counts, removes channels)")
+    step = time.perf_counter()
     result = prune_to_flops(source, target, imgsz, importance=importance, round_to=round_to,
                             calibration=[(x.to(dev), t) for x, t in batches] if importance == "taylor" else None,
                             loss_fn=loss_fn)
     seconds["prune"] = time.perf_counter() - start
+    say(f"pruned {result.gflops_before:.3f} -> {result.gflops_after:.3f} GFLOPs, {result.params_before:,} -> "
+        f"{result.params_after:,} params in {result.steps} steps ({time.perf_counter() - step:.1f} s)")
     # the source's mAP once pruning succeeded (on a copy): an unreachable target fails before any evaluation
-    map_before = _map(source, data, eval_imgsz, dev) if data is not None and evaluate_before else None
+    map_before = None
+    if data is not None and evaluate_before:
+        map_before = _measured(say, f"the source at {eval_imgsz} px", lambda: _map(source, data, eval_imgsz, dev))
     pruned = result.model.eval()
-    map_pruned = _map(pruned, data, eval_imgsz, dev) if data is not None else None
+    if data is not None:
+        map_pruned = _measured(say, f"the pruned model at {eval_imgsz} px",
+                               lambda: _map(pruned, data, eval_imgsz, dev))
+    else:
+        map_pruned = None
 
     map_finetuned = None
     final = pruned
@@ -186,21 +210,29 @@ def prune_job(model: nn.Module, data: DataConfig | None, target: float | str, *,
         if data is None:
             raise ValueError("fine-tuning needs training data: give --data")
         start = time.perf_counter()
-        cfg = finetune or ProxyConfig.finetune(epochs=finetune_epochs, imgsz=eval_imgsz, device=str(dev), quiet=True)
+        cfg = finetune or ProxyConfig.finetune(epochs=finetune_epochs, imgsz=eval_imgsz, device=str(dev))
         cfg = replace(cfg, epochs=finetune_epochs)
         with_bn = insert_batchnorms(pruned.cpu(), [x for x, _ in batches], convs=result.pruned_convs)
-        fit(with_bn, data, cfg)
+        say(f"fine-tuning {finetune_epochs} epoch{'s' * (finetune_epochs != 1)} at {cfg.imgsz} px, batch "
+            f"{cfg.batch} (BatchNorms inserted after {len(result.pruned_convs)} pruned convs)")
+        fit(with_bn, data, cfg, progress=lambda line: say(f"fine-tune {line}"))
         final = fold_batchnorms(with_bn.cpu().eval()).eval()
         seconds["finetune"] = time.perf_counter() - start
-        map_finetuned = _map(final.to(dev), data, eval_imgsz, dev)
+        say(f"BatchNorms folded back ({seconds['finetune']:.1f} s fine-tuning)")
+        map_finetuned = _measured(say, f"the fine-tuned model at {eval_imgsz} px",
+                                  lambda: _map(final.to(dev), data, eval_imgsz, dev))
 
     lat = {}
     if measure:
         start = time.perf_counter()
         lat_cfg = latency or LatencyConfig.for_device(dev)
+        say(f"timing the pruned model against the source at {imgsz} px on {dev} ({lat_cfg.iters} iterations each, "
+            "interleaved)")
         measured = measure_latency(final, imgsz, 1, dev, lat_cfg, reference=source)
         lat = measured.to_dict() | {"device": measured.device.get("name")}
         seconds["latency"] = time.perf_counter() - start
+        say(f"latency {measured.median_ms:.3f} ms median, ratio {measured.latency_ratio:.3f} to the source "
+            f"({seconds['latency']:.1f} s)")
     final = final.cpu().eval()
     # the final network's own figures (fine-tuning does not change shapes, but report what is saved)
     result.gflops_after = count_gflops(final, imgsz)
@@ -215,24 +247,15 @@ def resolve_prune_data(data: str | Path | None, source: Source, where: str, *, i
     no Taylor importance, no fine-tuning): `data` (a data.yaml) when given, else the data the model was trained on
     (`source.data`, as its study or training run recorded it), else the built-in synthetic set (said in a warning).
 
-    `where` names the source in messages (the CLI's SOURCE). Raises PruneDataError when the dataset's class count is
-    not the model's, SourceError when a recorded dataset is not an existing data.yaml, DataError for a bad data.yaml.
+    `where` names the source in messages (the CLI's SOURCE). Raises SourceError (`nas.source.resolve_data`) when
+    the dataset's class count is not the weights' or a recorded dataset is not an existing data.yaml, DataError for
+    a bad data.yaml.
     """
-    from nas.source import recorded_data
-    from nas.synth import default_dataset
+    from nas.source import resolve_data
 
     if not (evaluate_before or importance == "taylor" or finetune_epochs > 0):
         return None
-    if data is None:
-        data = recorded_data(source.data, where)
-    if data is None:
-        data = default_dataset()
-        LOG.warning("no --data: using the built-in synthetic dataset %s", data)
-    cfg = load_data_config(data)
-    if cfg.nc != source.nc:
-        raise PruneDataError(f"--data {cfg.source}: {cfg.nc} classes, but {where} detects {source.nc}; give the "
-                             "dataset the model was trained on")
-    return cfg
+    return resolve_data(data, source, where)
 
 
 def save_prune_report(report: PruneReport, out: str | Path, *, source: str, data: DataConfig | None,

@@ -202,6 +202,7 @@ def make_synthetic(out: str | Path, cfg: SynthConfig = SynthConfig()) -> Path:
 def default_dataset(cfg: SynthConfig = SynthConfig()) -> Path:
     """The default dataset's data.yaml in the user cache folder, generated on first use."""
     from nas.data import cache_dir
+    from nas.files import current_umask
 
     target = cache_dir() / "datasets" / cfg.key
     if (target / "data.yaml").is_file():
@@ -210,6 +211,7 @@ def default_dataset(cfg: SynthConfig = SynthConfig()) -> Path:
     LOG.info("generating the synthetic dataset %s (%d images) in %s", cfg.key, cfg.images, target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.key}.", dir=target.parent))
     try:
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0o700; the dataset folder follows the umask
         make_synthetic(tmp, cfg)
         tmp.rename(target)
     except OSError:

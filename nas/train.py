@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import random
 import sys
@@ -36,6 +37,8 @@ from space.builder import build_model
 from space.cost import ModelCost, model_cost
 from space.errors import RepnasError
 from space.yamlio import format_model_yaml
+
+LOG = logging.getLogger("repnas.train")
 
 
 class TrainingDiverged(RepnasError):
@@ -193,12 +196,23 @@ def _lr_lambda(cfg: ProxyConfig) -> Callable[[float], float]:
     return lambda x: (1 - x / cfg.epochs) * (1.0 - cfg.lrf) + cfg.lrf
 
 
-def _progress(iterable, total: int, desc: str, quiet: bool):
-    if quiet or not sys.stderr.isatty():
+def _bar(iterable, total: int, desc: str, show: bool):
+    """A tqdm bar over one epoch's batches on a terminal (it goes when the epoch ends: the epoch's line stays)."""
+    if not show or not sys.stderr.isatty():
         return iterable
     from tqdm import tqdm
 
     return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+def epoch_line(record: dict, epochs: int) -> str:
+    """One finished epoch as a log line: `epoch 3/60: box 0.0512 obj 0.0321 cls 0.0123, 4.1 s` (+ its mAPs when
+    it was validated)."""
+    line = (f"epoch {record['epoch']}/{epochs}: box {record['box']:.4f} obj {record['obj']:.4f} "
+            f"cls {record['cls']:.4f}, {record['train_seconds']:.1f} s")
+    if record.get("map50_95") is not None:
+        line += f"; mAP50-95 {record['map50_95']:.4f} mAP50 {record['map50']:.4f}"
+    return line + (f" ({record['skipped_steps']} steps skipped so far)" if record.get("skipped_steps") else "")
 
 
 def subset_records(records: Sequence, fraction: float, seed: int) -> list:
@@ -211,7 +225,7 @@ def subset_records(records: Sequence, fraction: float, seed: int) -> list:
 
 
 def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = ProxyConfig(),
-        callbacks: Sequence[EpochCallback] = ()) -> FitResult:
+        callbacks: Sequence[EpochCallback] = (), *, progress: Callable[[str], None] | None = None) -> FitResult:
     """Train `model` on `data` for `cfg.epochs` epochs; evaluate the EMA every `cfg.val_every` epochs and at the end.
 
     `model`: a train-time DetectionModel (`space.builder.build_model`) built for the data's classes; it is moved to
@@ -220,7 +234,9 @@ def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = Prox
     weight decay scaled by batch x accumulate / nominal batch, linear warm-up over `cfg.warmup_epochs` (bias LR from
     `warmup_bias_lr`), linear or cosine LR down to lr0 x lrf, EMA with decay x (1 - exp(-updates / tau)), AMP on CUDA.
     After each evaluation every callback gets (epoch from 1, mean box/obj/cls losses of the epoch, mAP50-95, mAP50
-    in [0, 1]); a truthy return stops training (not after the last epoch).
+    in [0, 1]); a truthy return stops training (not after the last epoch). Unless `cfg.quiet`, every epoch ends
+    with one `epoch_line` to `progress` (None: the "repnas.train" logger at INFO, and a tqdm bar over the epoch's
+    batches while stderr is a terminal; a caller that gives `progress`, e.g. a search worker, gets lines only).
 
     Returns a FitResult: `model` (the same object, EMA weights loaded, eval mode, on the device), `history` (one
     dict per epoch with EPOCH_COLUMNS; mAP None where not validated), `metrics` (the last evaluation), `seconds`
@@ -276,8 +292,8 @@ def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = Prox
         model.train()
         epoch_start = time.perf_counter()
         sums = torch.zeros(3)
-        for i, (images, targets, _, _) in enumerate(_progress(loader, batches, f"epoch {epoch + 1}/{cfg.epochs}",
-                                                              cfg.quiet)):
+        for i, (images, targets, _, _) in enumerate(_bar(loader, batches, f"epoch {epoch + 1}/{cfg.epochs}",
+                                                         show=progress is None and not cfg.quiet)):
             it = i + batches * epoch
             x = images.to(device, non_blocking=True).float() / 255  # (B, 3, S, S)
             if device.type == "cuda":
@@ -327,12 +343,13 @@ def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = Prox
         if (epoch + 1) % cfg.val_every == 0 or final:
             metrics = evaluate(ema.ema, val_set, cfg.imgsz, device=device, half=use_amp, workers=workers)
             record |= {"map50_95": metrics.map50_95, "map50": metrics.map50, "val_seconds": metrics.seconds}
-            history.append(record)
-            if any(cb(epoch + 1, losses, metrics.map50_95, metrics.map50) for cb in callbacks) and not final:
-                stopped = True
-                break
-        else:
-            history.append(record)
+        history.append(record)
+        if not cfg.quiet:
+            (progress or LOG.info)(epoch_line(record, cfg.epochs))
+        validated = record["map50"] is not None
+        if validated and any(cb(epoch + 1, losses, metrics.map50_95, metrics.map50) for cb in callbacks) and not final:
+            stopped = True
+            break
     model.load_state_dict(ema.ema.state_dict())
     model.eval()
     return FitResult(model, history, metrics, time.perf_counter() - start, stopped)
@@ -369,6 +386,9 @@ def train_job(model_yaml: str | Path, data: str | Path | DataConfig, cfg: ProxyC
     cost = model_cost(model, cfg.imgsz)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if not cfg.quiet:
+        LOG.info("training %s (%s params) on %s: %d epochs at %d px, batch %d, device %s", model_yaml,
+                 f"{cost.params:,}", data_cfg.source, cfg.epochs, cfg.imgsz, cfg.batch, resolve_device(cfg.device))
     result = fit(model, data_cfg, cfg)
     write_bytes_atomic(out / "weights.pt", state_dict_bytes(model))
     write_text_atomic(out / "model.yaml", format_model_yaml(model.yaml | {"nc": data_cfg.nc},

@@ -17,3 +17,16 @@ class ModelConfigError(ConfigError):
 
 class SpaceConfigError(ConfigError):
     """A search-space YAML, or params/Arch outside the space."""
+
+
+def shorten(text: object, limit: int) -> str:
+    """`text` on one line (whitespace collapsed), at most `limit` characters: a longer one is cut at a word boundary
+    and ends with "…", so no message or stored reason ends in a broken word ("torch.Siz")."""
+    line = " ".join(str(text).split())
+    if len(line) <= limit:
+        return line
+    cut = line[:limit - 1]
+    space = cut.rfind(" ")
+    if space >= limit // 2:  # else one very long word (a path): cut inside it, the "…" says so
+        cut = cut[:space]
+    return cut.rstrip(" ,;:(") + "…"

@@ -530,6 +530,21 @@ def seed_arch(space: Space | None = None) -> Arch:
     return arch
 
 
+SEED_SOURCE = "seed"  # the model source that names the seed design (a file of that name is read instead)
+
+
+def is_seed_source(source: str | Path | None) -> bool:
+    """Whether a model source names the seed design: the word `seed`, with no file or folder of that name here."""
+    return source is not None and str(source) == SEED_SOURCE and not Path(source).exists()
+
+
+def model_yaml_source(source: str | Path, nc: int = 80) -> str | Path | dict:
+    """`source` as `build_model` takes it: `seed` (see `is_seed_source`) becomes the seed design's YOLOv5 model YAML
+    as a dict (`seed_arch().to_yaml(nc)`: the network of ../shared/reference/seed_model.yaml, which a clone of the
+    project lacks); any other source, a model YAML's path, is returned as given."""
+    return seed_arch().to_yaml(nc) if is_seed_source(source) else source
+
+
 def arch_cost(arch: Arch, imgsz: int, nc: int = 80, *, deploy: bool = True) -> tuple[int, float]:
     """(params, GFLOPs) of `arch` at `imgsz` without training or allocating weights.
 

@@ -126,7 +126,7 @@ class JournalFile(BaseJournalBackend):
         self._offsets: dict[int, int] = {0: 0}  # line number -> its byte offset, for lines read so far
         if not self.path.exists():
             try:
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666))  # less the umask
             except OSError as err:
                 raise io_error(self.path, "create the study journal", err, study=study) from None
 

@@ -17,11 +17,15 @@ from nas.pareto import FORMATS, TrialRecord, export_pareto
 from nas.study.attrs import (
     ARCH_KEY,
     BASELINE_KEY,
+    BASELINE_LATENCY_KEY,
     BASELINE_LATENCY_MS_KEY,
+    BASELINE_LATENCY_TRIES_KEY,
+    BASELINE_LATENCY_WARNING_KEY,
     DEVICE_KEY,
     FAIL_REASON_KEY,
     FILES_KEY,
     GFLOPS_DEPLOY_KEY,
+    LATENCY_MEASURED_MS_KEY,
     LATENCY_MS_KEY,
     LATENCY_RATIO_KEY,
     MAP50_95_KEY,
@@ -64,6 +68,8 @@ def trial_records(study: optuna.Study, settings: StudySettings) -> list[TrialRec
             device=device_label(attrs[DEVICE_KEY]) if DEVICE_KEY in attrs else "", params=attrs.get(PARAMS_KEY),
             gflops_deploy=attrs.get(GFLOPS_DEPLOY_KEY), stages=stages, yaml_path=model_yaml,
             is_baseline=bool(attrs.get(BASELINE_KEY)), pruned=attrs.get(PRUNE_FRACTION_KEY),
+            latency_measured_ms=attrs.get(LATENCY_MEASURED_MS_KEY), head_width=arch.get("head_width"),
+            head_depth=arch.get("head_depth"),
             **({"confirmed_map50_95": confirmed[t.number]["map50_95"], "confirmed_std": confirmed[t.number]["std"],
                 "confirmed_runs": confirmed[t.number]["runs"]} if t.number in confirmed else {}),
         ))
@@ -98,9 +104,29 @@ def export_files(study: optuna.Study, settings: StudySettings, out_dir: str | Pa
     from nas.study.confirm import budgets
 
     found = budgets(study)
+    warning = study.user_attrs.get(BASELINE_LATENCY_WARNING_KEY)
     return export_pareto(trial_records(study, settings), out_dir or settings.folder, formats,
                          title=f"repnas study {settings.name}: mAP50-95 vs latency",
-                         confirmed_budget=found[0] if found else None)
+                         confirmed_budget=found[0] if found else None,
+                         baseline_latency_ms=study.user_attrs.get(BASELINE_LATENCY_MS_KEY),
+                         latency_setup=latency_setup(settings), warnings=[warning] if warning else [])
+
+
+def latency_setup(settings: StudySettings) -> str:
+    """How the study times latency, in words: "640x640 px, batch 1, fp16, channels_last, 10 warm-up + 100 timed
+    passes in 5 rounds" (CPU threads are in the device's label)."""
+    lat = settings.latency or {}
+    size = settings.latency_imgsz
+    parts = [f"{size}x{size} px" if size else "the space's input size", f"batch {settings.latency_batch or 1}"]
+    if lat.get("device_type") == "cuda":
+        parts.append("fp16" if lat.get("half") else "fp32")
+        parts += [name for name, key in (("channels_last", "channels_last"), ("cudnn.benchmark", "cudnn_benchmark"),
+                                         ("CUDA graph", "cuda_graph")) if lat.get(key)]
+    if "iters" in lat:
+        rounds, iters = lat.get("rounds"), lat["iters"]
+        parts.append(f"{lat.get('warmup')} warm-up + {iters} timed pass{'' if iters == 1 else 'es'} in {rounds} "
+                     f"round{'' if rounds == 1 else 's'}")
+    return ", ".join(parts)
 
 
 def export_study(name: str, out_dir: str | Path | None = None, formats: Sequence[str] | str = FORMATS, *,
@@ -207,6 +233,82 @@ def _confirm_lines(study: optuna.Study) -> list[str]:
     return lines
 
 
+def _settings_lines(settings: StudySettings) -> list[str]:
+    """The stored settings `repnas show` prints, each value labelled."""
+    baseline = settings.baseline or "the space's seed design"
+    kind, threads = (settings.latency or {}).get("device_type"), (settings.latency or {}).get("threads")
+    if kind == "cpu":  # threads unset: a study of repnas 0.1.0, timed with each process's own
+        where = f"CPU, {threads} thread{'' if threads == 1 else 's'} in every process" if threads else (
+            "CPU, each process's own threads")
+    else:
+        where = "CUDA" if kind == "cuda" else "the study's device"
+    return [
+        f"  data: {settings.data}",
+        f"  space: {settings.space}",
+        f"  baseline: {baseline}",
+        f"  trials: {settings.trials} to count; sampler {settings.sampler}, seed {settings.seed}",
+        f"  device: {settings.device}",
+        f"  proxy: {proxy_summary(settings.proxy or {})}",
+        f"  latency: {latency_setup(settings)}, interleaved with the baseline; on {where}",
+    ]
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for key, value in values.items():
+        out |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
+
+
+_PROXY_HEADLINE = ("epochs", "imgsz", "batch", "optimizer", "lr0", "val_every", "seed", "device", "quiet")
+
+
+def proxy_summary(proxy: dict) -> str:
+    """A study's proxy settings in words: the main ones, then those that differ from ProxyConfig's defaults as
+    `--proxy KEY=VALUE` would set them ("1 epoch at 64 px, batch 8, AdamW lr0 0.002, validated every 5 epochs,
+    seed 0; differs from the defaults in: fraction=0.5 loss.obj=2")."""
+    from dataclasses import asdict
+
+    from nas.train import ProxyConfig
+
+    defaults = _flat(asdict(ProxyConfig()))
+    p = defaults | _flat(proxy)
+    epochs, every = p["epochs"], p["val_every"]
+    head = (f"{epochs} epoch{'' if epochs == 1 else 's'} at {p['imgsz']} px, batch {p['batch']}, {p['optimizer']} "
+            f"lr0 {p['lr0']:g}, validated every " + ("epoch" if every == 1 else f"{every} epochs")
+            + f", seed {p['seed']}")
+    changed = [f"{k}={v}" for k, v in p.items() if k not in _PROXY_HEADLINE and defaults.get(k) != v]
+    return head + ("; differs from the defaults in: " + " ".join(changed) if changed else
+                   "; every other setting at its default")
+
+
+def _num(value: object, fmt: str, size: int) -> str:
+    """A table cell of `repnas show`: the number right-aligned in `size` characters, '-' when missing."""
+    import pandas as pd
+
+    return f"{'-':>{size}}" if pd.isna(value) else f"{value:>{size}{fmt}}"
+
+
+def _baseline_latency_lines(study: optuna.Study) -> list[str]:
+    """The frozen baseline latency: median and p90, where it was timed, after how many measurements, and the
+    warning a noisy machine left."""
+    attrs = study.user_attrs
+    baseline_ms = attrs.get(BASELINE_LATENCY_MS_KEY)
+    if baseline_ms is None:
+        return []
+    lat = attrs.get(BASELINE_LATENCY_KEY) or {}
+    tries = attrs.get(BASELINE_LATENCY_TRIES_KEY) or []
+    line = f"  baseline latency (frozen at creation): {baseline_ms:.3f} ms median"
+    if lat.get("p90_ms") is not None:
+        line += f", p90 {lat['p90_ms']:.3f} ms"
+    if lat.get("device"):
+        line += f", on {device_label(lat['device'])}"
+    if len(tries) > 1:
+        line += f" ({len(tries)} measurements)"
+    warning = attrs.get(BASELINE_LATENCY_WARNING_KEY)
+    return [line] + ([f"  warning: {warning}"] if warning else [])
+
+
 def show_study(name: str, *, storage: str | None = None, results: str = "results") -> str:
     """`repnas show`: one screen about a study: settings, trials by state (failures by reason), the front, time
     left. Raises StudyError when there is no such study."""
@@ -223,13 +325,9 @@ def show_study(name: str, *, storage: str | None = None, results: str = "results
     counted = [t for t in trials if counts(t)]
     target = settings.trials or 0
     lines = [f"study {name} ({storage or journal_path(settings)})"]
-    shown = ("data", "space", "trials", "sampler", "seed", "proxy", "latency_imgsz", "latency_batch", "device",
-             "latency", "baseline")
     if SETTINGS_KEY in study.user_attrs:  # (not yet while its creator measures the baseline)
-        lines += [f"  {key}: {getattr(settings, key)}" for key in shown]
-    baseline_ms = study.user_attrs.get(BASELINE_LATENCY_MS_KEY)
-    if baseline_ms is not None:
-        lines.append(f"  baseline latency (frozen at creation): {baseline_ms:.3f} ms")
+        lines += _settings_lines(settings)
+    lines += _baseline_latency_lines(study)
     states = Counter(t.state.name for t in trials)
     lines.append(f"trials: {len(trials)} in all, {len(counted)} of {target} counted; "
                  + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
@@ -241,11 +339,14 @@ def show_study(name: str, *, storage: str | None = None, results: str = "results
         reference = default_reference(records)
         done = table.dropna(subset=["map50_95", "latency_ms"])
         hv = hypervolume(done["map50_95"].to_numpy(float), done["latency_ms"].to_numpy(float), reference)
-        lines.append(f"Pareto front: {len(front)} trials; hypervolume {hv:.4g} (reference mAP50-95 "
-                     f"{reference[0]:g}, latency {reference[1]:.3f} ms)")
+        lines.append(f"Pareto front: {len(front)} trials, fastest first; hypervolume {hv:.4g} (the area the front "
+                     f"dominates from the reference point mAP50-95 {reference[0]:g}, latency objective "
+                     f"{reference[1]:.3f} ms)")
         confirmed = front["confirmed_runs"].fillna(0).astype(int).sum() > 0
-        lines.append(f"  {'latency_ms':>10} {'mAP50-95':>9} {'mAP50':>7} {'trial':>6}"
-                     + (f" {'confirmed':>17}" if confirmed else "") + "  best mAP at this latency")
+        width = max(4, *(len(a) for a in front["arch"]))
+        lines.append((f"  {'trial':>5} {'mAP50-95':>8} {'mAP50':>7} {'measured ms':>11} {'objective ms':>12} "
+                      f"{'ratio':>6} {'GFLOPs':>8}  {'arch':<{width}}" + (f" {'confirmed':>17}" if confirmed else ""))
+                     .rstrip())
         for _, row in front.iterrows():
             mark = " (baseline)" if row["baseline"] else (" beats baseline" if row["dominates_baseline"] else "")
             if confirmed and row["confirmed_runs"]:
@@ -254,8 +355,14 @@ def show_study(name: str, *, storage: str | None = None, results: str = "results
                     "  survived" if row["confirmed_pareto"] else "  off the confirmed front")
             else:
                 cell = f" {'-':>7}{'':<8}  not confirmed" if confirmed else ""
-            lines.append(f"  {row['latency_ms']:>10.3f} {row['map50_95']:>9.4f} {row['map50']:>7.4f} "
-                         f"{row['trial']:>6}{cell}{mark}")
+            lines.append(f"  {row['trial']:>5} {_num(row['map50_95'], '.4f', 8)} {_num(row['map50'], '.4f', 7)} "
+                         f"{_num(row['latency_measured_ms'], '.3f', 11)} {_num(row['latency_ms'], '.3f', 12)} "
+                         f"{_num(row['latency_ratio'], '.3f', 6)} {_num(row['gflops_deploy'], '.3f', 8)}  "
+                         f"{row['arch']:<{width}}{cell}{mark}".rstrip())
+        lines.append("  measured ms: the trial's own median latency; objective ms: its ratio to the baseline x the "
+                     "frozen baseline latency (what the front is ranked on); GFLOPs: deployed, at the latency input "
+                     "size; arch: d = blocks per stage P1..P5, w = their channels, se = squeeze-excitation (+/-), "
+                     "h = head width x C3 depth")
         lines += _confirm_lines(study)
     else:
         lines.append("Pareto front: no finished trial yet")

@@ -28,13 +28,15 @@ from nas.study.settings import (
     resolve_settings,
     trial_folder,
 )
-from nas.study.storage import create_or_load_study, load_stored, make_sampler, storage_failure
+from nas.study.storage import create_or_load_study, load_stored, make_sampler, mask_url, storage_failure
 from nas.study.trial import run_trial
 from pruning.reparam import fuse_model
 from space.builder import build_model
+from space.errors import shorten
 from space.searchspace import Arch, Space, load_space
 
 LOG = logging.getLogger("repnas.study")
+MAX_REASON = 300  # characters of a failed trial's stored reason (cut at a word, "…"); the traceback is in its folder
 
 
 def prepare_study(settings: StudySettings, *, force: bool = False, enqueue: Sequence[str] = (),
@@ -90,9 +92,12 @@ def run_search(settings: StudySettings, *, report: Callable[[str], None] | None 
     ("interrupted") and re-raises.
     """
     report = report or (lambda line: None)
-    demo = settings.data is None and load_stored(settings) is None
-    if workers is None:
-        workers = default_workers(settings, demo=demo, devices=devices)  # device None: auto
+    stored = load_stored(settings)
+    demo = settings.data is None and stored is None
+    if workers is None:  # this run's --workers, else the study's stored layout, else the default
+        workers = settings.workers or (stored or {}).get("workers") or default_workers(settings, demo=demo,
+                                                                                       devices=devices)
+    settings = replace(settings, workers=workers)  # the next resume's default (--devices are each host's own)
     n = max(workers, len(devices))
     settings, study = prepare_study(settings, force=force, enqueue=enqueue,
                                     latency_threads=worker_threads(settings, n, devices))
@@ -106,7 +111,10 @@ def run_search(settings: StudySettings, *, report: Callable[[str], None] | None 
             "its Arch is enqueued again" if number in requeued else
             f"its Arch is not enqueued again (none sampled yet, or tried {MAX_REQUEUES + 1} times)"))
     first = run_start(study)
-    if n <= 1:
+    counted = sum(counts(t) for t in study.get_trials(deepcopy=False))
+    if counted >= settings.trials:  # nothing to run: say how to ask for more
+        report(finished_line(settings, counted))
+    elif n <= 1:
         if devices:
             settings = replace(settings, device=f"cuda:{devices[0]}")  # for this run only, not stored
         study.sampler = make_sampler(settings, len(study.get_trials(deepcopy=False)))  # each run: its own draws
@@ -123,6 +131,22 @@ def run_search(settings: StudySettings, *, report: Callable[[str], None] | None 
     if counted < settings.trials and running:
         report(f"{counted} of {settings.trials} trials counted; {running} still RUNNING in other workers")
     return study
+
+
+def finished_line(settings: StudySettings, counted: int) -> str:
+    """What a run says when its study already holds its --trials counted trials: how to add more (half as many
+    again, at least one), with the options that find the study."""
+    have = (f"its {counted} trial{'s' if counted != 1 else ''}" if counted == settings.trials else
+            f"{counted} counted trials (--trials {settings.trials})")
+    more = max(counted, settings.trials) + max(1, max(counted, settings.trials) // 2)
+    return (f"study {settings.name} already has {have}; add trials with "
+            f"`repnas resume {settings.name} --trials {more}{location_options(settings)}`")
+
+
+def location_options(settings: StudySettings) -> str:
+    """The options a later command needs to find this study ('' for results/NAME/study.log); a password masked."""
+    return (f" --storage {mask_url(settings.storage)}" if settings.storage else "") + (
+        f" --results {settings.results}" if settings.results != "results" else "")
 
 
 def run_start(study: optuna.Study) -> int:
@@ -175,13 +199,14 @@ def _finish(study: optuna.Study, trial: optuna.Trial, **tell) -> bool:
     return True
 
 
-def _run_one(ctx: Context, trial: optuna.Trial, parent_pid: int | None) -> bool:
+def _run_one(ctx: Context, trial: optuna.Trial, parent_pid: int | None,
+             report: Callable[[str], None] | None = None) -> bool:
     """Run one claimed trial and tell its end (any trial error fails the trial, not the study); False when its
-    result could not be recorded because another process had taken it for dead."""
+    result could not be recorded because another process had taken it for dead. `report` gets its phase lines."""
     settings, study = ctx.settings, ctx.study
     try:
         with Heartbeat(study, trial._trial_id, parent_pid=parent_pid):
-            values = run_trial(trial, settings, ctx.space, ctx.data_cfg, ctx.baseline_fused)
+            values = run_trial(trial, settings, ctx.space, ctx.data_cfg, ctx.baseline_fused, report)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False  # marked stale by another process while it ran: its result cannot be recorded
     except optuna.TrialPruned as reason:
@@ -201,7 +226,7 @@ def _run_one(ctx: Context, trial: optuna.Trial, parent_pid: int | None) -> bool:
     except Exception as err:
         if storage_failure(err) is not None:
             raise  # the storage itself failed: no trial fault; the run ends, a resume fails this trial as stale
-        reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        reason = shorten(f"{type(err).__name__}: {err}", MAX_REASON)
         folder = trial_folder(settings, trial.number)
         folder.mkdir(parents=True, exist_ok=True)
         safe("traceback", write_text_atomic, folder / "traceback.txt", traceback.format_exc())
@@ -228,7 +253,7 @@ def work(ctx: Context, report: Callable[[str], None], parent_pid: int | None = N
             if recover_stale_trials(study, settings.stale_after):
                 continue
             return
-        if not _run_one(ctx, trial, parent_pid):
+        if not _run_one(ctx, trial, parent_pid, report):
             report(f"trial {trial.number:>4} lost its lease (marked stale by another worker); its result is dropped")
             continue
         frozen = study._storage.get_trial(trial._trial_id)

@@ -25,7 +25,7 @@ from nas.earlystop import EarlyStopConfig
 from nas.latency import LatencyConfig
 from nas.train import ProxyConfig
 from space.errors import RepnasError, SpaceConfigError
-from space.searchspace import Arch, Space, builtin_spaces, load_space, seed_arch
+from space.searchspace import Arch, Space, builtin_spaces, is_seed_source, load_space, seed_arch
 from space.yamlio import read_yaml
 
 
@@ -84,6 +84,7 @@ class StudySettings:
     stale_after: float | None = None
     prune_to: float | None = None
     prune_finetune_epochs: int | None = None  # fine-tuning epochs after pruning (None: ceil(proxy epochs / 5))
+    workers: int | None = None  # worker processes on one machine: stored as a resume's default, never frozen
     results: str = "results"  # root folder of study folders
     quiet: bool = True
 
@@ -91,7 +92,7 @@ class StudySettings:
         check_study_name(self.name)
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise StudyError(f"sampler {self.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
-        for key in ("trials", "max_failures", "latency_batch", "latency_imgsz"):
+        for key in ("trials", "max_failures", "latency_batch", "latency_imgsz", "workers"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise StudyError(f"{key}={value!r} must be a positive integer")
@@ -233,6 +234,8 @@ def _normalise(key: str, value: Any) -> Any:
         return None
     if key == "space" and str(value) in builtin_spaces() and not Path(value).is_file():
         return str(value)  # a built-in space by name ("default", "small")
+    if key == "baseline" and is_seed_source(value):
+        return str(value)  # the seed design by name
     if key in ("data", "baseline", "artifacts", "space"):
         return str(Path(value).expanduser().resolve())
     if key in ("proxy", "latency", "early_stop"):
@@ -298,11 +301,12 @@ def latency_config(settings: StudySettings, device: torch.device) -> LatencyConf
 
 
 def load_baseline(path: str | None, space: Space) -> Arch:
-    """The baseline Arch: `seed_arch(space)`, or a YAML of Arch params, or a model YAML an Arch of `space` writes.
+    """The baseline Arch: `seed_arch(space)` (for None or `seed`), or a YAML of Arch params, or a model YAML an Arch
+    of `space` writes.
 
     Raises StudyError (or the builder's ModelConfigError) naming the file when it is neither, or not of the space.
     """
-    if path is None:
+    if path is None or is_seed_source(path):
         return seed_arch(space)
     from space.builder import build_model
 

@@ -14,7 +14,7 @@ import gc
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -88,14 +88,18 @@ class TrialRejected(optuna.TrialPruned):
 
 class TrialRecorder:
     """Everything one trial writes: files in its folder (atomically, sha256 in the FILES_KEY attr, paths relative
-    to the trials root), user attrs, wall seconds per phase, and the lines of its trial.log."""
+    to the trials root), user attrs, wall seconds per phase, and the lines of its trial.log. `report` (None: quiet)
+    gets its progress lines, `trial    7 phase train (...)`: one as each phase starts and one per step inside a
+    long one (a validation epoch, a fine-tuning epoch); a multi-worker search relays them through the coordinator."""
 
-    def __init__(self, trial: optuna.Trial, folder: Path, trials_root: Path):
+    def __init__(self, trial: optuna.Trial, folder: Path, trials_root: Path,
+                 report: Callable[[str], None] | None = None):
         self.trial, self.folder = trial, folder
         self.rel = folder.relative_to(trials_root).as_posix()
         self.files: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
         self.log: list[str] = []
+        self.report = report
         folder.mkdir(parents=True, exist_ok=True)
 
     def set(self, key: str, value: Any) -> None:
@@ -123,9 +127,15 @@ class TrialRecorder:
     def save_log(self) -> None:
         self.save("trial.log", ("\n".join(self.log) + "\n").encode())
 
+    def progress(self, phase: str, detail: str = "") -> None:
+        """One progress line of this trial: `trial    7 phase train (epoch 5/60: ...)` (nothing when quiet)."""
+        if self.report is not None:
+            self.report(f"trial {self.trial.number:>4} phase {phase}" + (f" ({detail})" if detail else ""))
+
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Time the block as phase `name` (kept only when the block ends normally)."""
+        """Time the block as phase `name` (kept only when the block ends normally); say that it starts."""
+        self.progress(name)
         start = time.perf_counter()
         yield
         self.seconds[name] = time.perf_counter() - start
@@ -230,14 +240,20 @@ def phase_budget(rec: TrialRecorder, c: Candidate, space: Space) -> None:
              f"at {c.imgsz}" + (f"; pruned to {c.probe.gflops_after:.3f} GFLOPs ({c.fraction:g})" if c.probe else ""))
 
 
-def _time(network: torch.nn.Module, settings: StudySettings, baseline_fused: torch.nn.Module,
-          baseline_ms: float) -> tuple[Latency, float]:
-    """Time `network` interleaved with the fused baseline (one process of this host at a time); return the
-    measurement and the objective, ratio x the frozen baseline latency."""
+def time_latency(network: torch.nn.Module, settings: StudySettings, baseline_fused: torch.nn.Module) -> Latency:
+    """How a study times a network, in one place: on the study's device with its LatencyConfig (threads, warmup,
+    iterations, rounds, fp16, channels_last...), input size and batch, interleaved round by round with the fused
+    baseline, one process of this host at a time. The frozen baseline is timed by this too, against itself."""
     device = resolve_device(settings.device)
     with FileLock(host_lock_path("latency")):  # workers sharing a machine time one at a time
-        lat = measure_latency(network, settings.latency_imgsz, settings.latency_batch, device,
-                              latency_config(settings, device), reference=baseline_fused)
+        return measure_latency(network, settings.latency_imgsz, settings.latency_batch, device,
+                               latency_config(settings, device), reference=baseline_fused)
+
+
+def _time(network: torch.nn.Module, settings: StudySettings, baseline_fused: torch.nn.Module,
+          baseline_ms: float) -> tuple[Latency, float]:
+    """Time `network` (`time_latency`); return the measurement and the objective, ratio x the frozen baseline."""
+    lat = time_latency(network, settings, baseline_fused)
     return lat, lat.latency_ratio * baseline_ms
 
 
@@ -290,7 +306,12 @@ def phase_train(rec: TrialRecorder, c: Candidate, settings: StudySettings, data_
     rec.set(PROXY_KEY, c.cfg.to_dict())
     rule = EarlyStopConfig(**(settings.early_stop or {}))
 
+    start = time.perf_counter()
+
     def on_validation(epoch: int, losses: dict, map50_95: float, map50: float) -> bool:
+        rec.progress("train", f"epoch {epoch}/{c.cfg.epochs}: box {losses['box']:.4f} obj {losses['obj']:.4f} cls "
+                              f"{losses['cls']:.4f}; mAP50-95 {map50_95:.4f} mAP50 {map50:.4f}; "
+                              f"{time.perf_counter() - start:.0f} s")
         c.curve.append([epoch, map50_95, map50])
         rec.set(CURVE_KEY, c.curve)
         best = max(row[1] for row in c.curve)  # the rule credits the trial with its best validation so far
@@ -299,8 +320,9 @@ def phase_train(rec: TrialRecorder, c: Candidate, settings: StudySettings, data_
             c.stop_reason = should_stop(epoch, best, c.latency_ms, c.cfg.epochs, finished, rule)
         return bool(c.stop_reason)
 
+    # fit quiet: the trial says its validation epochs itself, and draws no bar (workers share one terminal)
     try:
-        c.result = fit(c.model, data_cfg, c.cfg, callbacks=(on_validation,))
+        c.result = fit(c.model, data_cfg, replace(c.cfg, quiet=True), callbacks=(on_validation,))
     except Exception as err:
         if not (_is_oom(err) and c.cfg.batch >= 2):
             raise
@@ -314,7 +336,8 @@ def phase_train(rec: TrialRecorder, c: Candidate, settings: StudySettings, data_
         c.curve.clear()
         seed_everything(c.cfg.seed)  # the retry starts from the same initial weights as the first attempt
         c.model = build_model(c.arch.to_yaml(data_cfg.nc))
-        c.result = fit(c.model, data_cfg, c.cfg, callbacks=(on_validation,))
+        rec.progress("train", f"retry at batch {c.cfg.batch} after CUDA out of memory")
+        c.result = fit(c.model, data_cfg, replace(c.cfg, quiet=True), callbacks=(on_validation,))
     rec.save("epochs.csv", epochs_csv(c.result.history).encode())
 
 
@@ -383,11 +406,14 @@ def phase_prune(rec: TrialRecorder, c: Candidate, settings: StudySettings, data_
     tune = ProxyConfig.finetune(epochs=max(epochs, 1), imgsz=c.cfg.imgsz, batch=c.cfg.batch, device=str(device),
                                 quiet=c.cfg.quiet, cache_images=c.cfg.cache_images)
     report = prune_job(c.fused, data_cfg, c.fraction, imgsz=c.imgsz, eval_imgsz=c.cfg.imgsz, finetune_epochs=epochs,
-                       finetune=tune, device=str(device), evaluate_before=False, measure=False)
+                       finetune=tune, device=str(device), evaluate_before=False, measure=False,
+                       progress=lambda line: rec.progress("prune", line))
     if report.result.plan != c.probe.plan:
         c.lat, c.latency_ms = _time(report.model, settings, baseline_fused,
                                     rec.trial.study.user_attrs[BASELINE_LATENCY_MS_KEY])
         rec.set(LATENCY_MS_KEY, c.latency_ms)
+        rec.set(LATENCY_MEASURED_MS_KEY, c.lat.median_ms)
+        rec.set(LATENCY_P90_MS_KEY, c.lat.p90_ms)
         rec.set(LATENCY_RATIO_KEY, c.lat.latency_ratio)
         rec.set(LATENCY_REMEASURED_KEY, True)
     save_pruned(report.model, rec.folder / "pruned", report.result.plan,
@@ -419,13 +445,15 @@ def phase_record(rec: TrialRecorder, c: Candidate, data_cfg: DataConfig) -> tupl
 
 
 def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_cfg: DataConfig,
-              baseline_fused: torch.nn.Module) -> tuple[float, float]:
-    """Take one sampled Arch through the phases; return (mAP50-95, latency objective in ms).
+              baseline_fused: torch.nn.Module, report: Callable[[str], None] | None = None) -> tuple[float, float]:
+    """Take one sampled Arch through the phases; return (mAP50-95, latency objective in ms). `report` gets the
+    trial's progress lines (`TrialRecorder`) unless `settings.quiet`.
 
     Raises TrialRejected (over a budget / duplicate) before any training, optuna.TrialPruned when the early-stopping
     rule stops training (partial metrics kept), and lets any other error through (the caller fails the trial).
     """
-    rec = TrialRecorder(trial, trial_folder(settings, trial.number), settings.trials_root)
+    rec = TrialRecorder(trial, trial_folder(settings, trial.number), settings.trials_root,
+                        None if settings.quiet else report)
     c = Candidate(baseline=bool(trial.user_attrs.get(BASELINE_KEY)), imgsz=settings.latency_imgsz or space.imgsz)
     with rec.phase("build"):
         phase_build(rec, c, space, data_cfg.nc, proxy_config(settings).seed)

@@ -37,6 +37,10 @@ def run_workers(settings: StudySettings, n: int, devices: Sequence[str], first: 
                 report: Callable[[str], None], job: dict | None = None) -> None:
     """Start `n` worker processes, relay their lines, wait; stop them all on Ctrl-C or when this process exits.
 
+    A worker's lines are plain, each prefixed `[worker i]` here: a finished trial's line and, unless the settings
+    are quiet, one as each of its phases starts and one per validation or fine-tuning epoch (`TrialRecorder`);
+    workers draw no progress bars, which would garble the one terminal they share.
+
     `job`: None for search trials; {"confirm": ConfirmPlan fields} for `repnas confirm` runs (`first`: then the
     first follow-up trial number of this run). Raises StudyError when a worker failed while the study still lacks
     trials (or runs), SearchStopped when one gave up."""

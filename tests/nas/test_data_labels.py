@@ -122,8 +122,13 @@ def test_example_a_warns_once_per_process(tmp_path: Path, logs) -> None:
     cfg = load_data_config(example_a(tmp_path / "ds"))
     check_dataset(cfg)
     index_split(cfg.train, cfg.nc, "train", str(cfg.source))  # training indexes the split again
+    index_split(cfg.val, cfg.nc, "val", str(cfg.source))  # and each evaluation the val split
+    load_data_config(cfg.source)  # every trial of a study loads the data.yaml again
     assert len([m for m in warnings_of(logs) if "letter case" in m]) == 1
-    assert infos_of(logs)[-1] == "train: 4 images, 4 boxes, 0 backgrounds, 0 skipped"
+    infos = infos_of(logs)
+    assert infos.count("train: 4 images, 4 boxes, 0 backgrounds, 0 skipped") == 1  # each summary said once
+    assert infos.count("val: 1 images, 1 boxes, 0 backgrounds, 0 skipped") == 1
+    assert len([m for m in infos if "dataset root" in m]) == 1  # the data.yaml's root too
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,15 @@ import torch
 from torch import nn
 
 import pruning.atomic
-from nas.files import FileLock, atomic_path, state_dict_bytes, write_bytes_atomic, write_text_atomic
+from nas.files import (
+    FileLock,
+    atomic_path,
+    folder_bytes,
+    format_bytes,
+    state_dict_bytes,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -31,6 +39,32 @@ def umask_027():
         yield
     finally:
         os.umask(before)
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_and_lock_files_get_0o666_less_the_umask(tmp_path, mask, mode):
+    before = os.umask(mask)  # (tests/nas/test_umask.py runs every command's files in a process of its own)
+    try:
+        write_bytes_atomic(tmp_path / "weights.pt", b"w")
+        with atomic_path(tmp_path / "model.onnx") as tmp:
+            tmp.write_bytes(b"o")
+        with FileLock(tmp_path / "study.log.flock"):  # 0o664 under umask 0o002: the group can open it to lock
+            pass
+    finally:
+        os.umask(before)
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in tmp_path.iterdir()} == {
+        "weights.pt": oct(mode), "model.onnx": oct(mode), "study.log.flock": oct(mode)}
+
+
+def test_folder_bytes_counts_regular_files_only_and_format_bytes_reads_well(tmp_path):
+    (tmp_path / "trials" / "0").mkdir(parents=True)
+    (tmp_path / "trials" / "0" / "weights.pt").write_bytes(b"x" * 1500)
+    (tmp_path / "trials" / "top.json").write_bytes(b"x" * 20)
+    (tmp_path / "trials" / "link").symlink_to(tmp_path / "trials" / "0" / "weights.pt")  # not counted twice
+    assert folder_bytes(tmp_path / "trials") == 1520
+    assert folder_bytes(tmp_path / "missing") == 0
+    assert [format_bytes(n) for n in (0, 999, 1520, 1_500_000, 2_345_000_000)] == [
+        "0 B", "999 B", "1.5 kB", "1.5 MB", "2.3 GB"]
 
 
 def test_an_atomic_write_leaves_no_temporary_file_and_gets_the_umask_permissions(tmp_path, umask_027):

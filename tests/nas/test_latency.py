@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nas.cli import main
-from nas.latency import Latency, LatencyConfig, measure_latency
+from nas.device import device_label
+from nas.latency import Latency, LatencyConfig, measure_latency, noise_warning
 from pruning.reparam import fuse_model
 from space.builder import build_model
 from tests.conftest import tiny_yaml
@@ -57,3 +58,38 @@ def test_cli_latency_prints_a_table(tmp_path, capsys):
     assert "measured interleaved" in out[2] and out[3].startswith("device: ")
     assert main(["latency", str(path), "--no-fused", "--imgsz", "64", "--device", "cpu", "--iters", "2"]) == 0
     assert capsys.readouterr().out.splitlines()[1].startswith("as built")
+
+
+def _latency(median_ms: float, p90_ms: float) -> Latency:
+    return Latency(median_ms=median_ms, p90_ms=p90_ms, mean_ms=median_ms, std_ms=0.0, iterations=30, imgsz=(64, 64),
+                   batch=1, dtype="float32", device={"type": "cpu", "name": "test", "threads": 1, "torch": "x"})
+
+
+def test_a_noisy_measurement_is_told_by_its_p90_over_median():
+    quiet, noisy = _latency(138.0, 150.0), _latency(314.65, 548.74)  # the latter: the walk's busy baseline
+    assert not quiet.noisy and quiet.spread == pytest.approx(150 / 138) and noise_warning(quiet) is None
+    assert noisy.noisy and noise_warning(noisy).startswith("p90/median 1.74 > 1.3: this machine was busy")
+    assert "spread" not in noisy.to_dict()  # the stored record keeps its fields only
+
+
+def test_device_label_counts_threads_in_words():
+    assert device_label({"type": "cpu", "name": "AMD EPYC", "threads": 1}) == "CPU AMD EPYC, 1 thread"
+    assert device_label({"type": "cpu", "name": "AMD EPYC", "threads": 2}) == "CPU AMD EPYC, 2 threads"
+    assert device_label({"type": "cuda", "name": "NVIDIA H200"}) == "NVIDIA H200"
+
+
+def test_cli_latency_warns_when_its_own_p90_over_median_shows_a_busy_machine(tmp_path, capsys, monkeypatch):
+    import nas.latency
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(json.dumps(tiny_yaml()))
+    monkeypatch.setattr(nas.latency, "measure_latency", lambda *a, **k: _latency(100.0, 160.0))
+    assert main(["latency", str(path), "--imgsz", "64", "--device", "cpu", "--iters", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert "device: CPU test, 1 thread; torch x" in out
+    assert err.strip() == ("warning: p90/median 1.60 > 1.3: this machine was busy while timing (other processes "
+                           "compete for its cores), so these figures are inflated and vary from run to run; time again "
+                           "on a quiet machine")
+    monkeypatch.setattr(nas.latency, "measure_latency", lambda *a, **k: _latency(100.0, 110.0))
+    assert main(["latency", str(path), "--imgsz", "64", "--device", "cpu", "--iters", "3"]) == 0
+    assert capsys.readouterr().err == ""

@@ -9,18 +9,29 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nas.pareto import TrialRecord, default_reference, export_pareto, hypervolume, pareto_mask, pareto_table
+from nas.pareto import (
+    JSON_SCHEMA,
+    TrialRecord,
+    arch_short,
+    default_reference,
+    export_pareto,
+    hypervolume,
+    pareto_mask,
+    pareto_table,
+)
 
 STAGES = ((1, 16, False), (2, 32, True), (3, 64, False), (4, 128, True), (1, 256, False))
 
 
 def record(number: int, map50_95: float | None, latency_ms: float | None, *, state: str = "COMPLETE",
-           baseline: bool = False, stages: tuple = STAGES) -> TrialRecord:
+           baseline: bool = False, stages: tuple = STAGES, head: tuple = (0.5, 1)) -> TrialRecord:
     return TrialRecord(number=number, state=state, map50_95=map50_95,
                        map50=None if map50_95 is None else map50_95 + 0.2, latency_ms=latency_ms,
                        latency_ratio=None if latency_ms is None else latency_ms / 4.0, device="CPU test, 2 threads",
                        params=1_500_000 + number, gflops_deploy=2.5, stages=stages,
-                       yaml_path=f"trials/{number}/model.yaml", is_baseline=baseline)
+                       yaml_path=f"trials/{number}/model.yaml", is_baseline=baseline,
+                       latency_measured_ms=None if latency_ms is None else latency_ms / 2.0,
+                       head_width=head[0], head_depth=head[1])
 
 
 @pytest.fixture
@@ -106,11 +117,13 @@ def test_default_reference_prefers_the_baseline(records):
 
 # --- pareto_table --------------------------------------------------------------------------------------------------
 
+DECISION = ["trial", "map50_95", "map50", "latency_measured_ms", "latency_ms", "latency_ratio", "params_m",
+            "gflops_deploy", "arch"]
 COLUMNS = [
-    "rank", "trial", "map50_95", "map50", "latency_ms", "device", "latency_ratio", "params_m", "gflops_deploy",
-    "pruned", *(f"P{i}_{f}" for i in range(1, 6) for f in ("depth", "width", "se")),
-    "dominates_baseline", "pareto", "confirmed_map50_95", "confirmed_std", "confirmed_runs", "confirmed_pareto",
-    "baseline", "yaml", "state",
+    *DECISION, "confirmed_map50_95", "confirmed_std", "confirmed_runs", "confirmed_pareto",
+    "pareto", "front_rank", "dominates_baseline", "baseline", "pruned",
+    *(f"P{i}_{f}" for i in range(1, 6) for f in ("depth", "width", "se")), "head_width", "head_depth",
+    "device", "yaml", "state",
 ]
 
 
@@ -121,11 +134,11 @@ def test_pareto_table_columns_order_and_rows(records):
     assert set(df["state"]) == {"COMPLETE", "PRUNED"}
 
 
-def test_pareto_table_rank_only_on_the_front(records):
+def test_pareto_table_front_rank_only_on_the_front(records):
     df = pareto_table(records)
     assert df["pareto"].tolist() == [True] * 4 + [False] * 3
-    assert df["rank"].iloc[:4].tolist() == [1, 2, 3, 4]
-    assert df["rank"].iloc[4:].isna().all()
+    assert df["front_rank"].iloc[:4].tolist() == [1, 2, 3, 4]
+    assert df["front_rank"].iloc[4:].isna().all()
     expected = pareto_mask(df["map50_95"], df["latency_ms"])
     assert df["pareto"].tolist() == expected.tolist()
 
@@ -146,6 +159,31 @@ def test_pareto_table_fills_per_stage_columns(records):
     assert [row[f"P{i}_se"] for i in range(1, 6)] == [False, True, False, True, False]
     assert row["params_m"] == pytest.approx(1.500003)
     assert row["yaml"] == "trials/3/model.yaml"
+    assert (row["head_width"], row["head_depth"]) == (0.5, 1)
+    assert row["arch"] == "d1-2-3-4-1 w16-32-64-128-256 se-+-+- h0.5x1"
+    assert row["latency_measured_ms"] == 1.5 and row["latency_ms"] == 3.0  # the measured median beside the objective
+
+
+def test_arch_short_form_names_every_searched_dimension():
+    assert arch_short(((1, 16, False), (2, 24, False), (4, 48, True), (8, 96, False), (1, 192, False)), 0.5, 1) == (
+        "d1-2-4-8-1 w16-24-48-96-192 se--+-- h0.5x1")
+    assert arch_short(STAGES, 1.5, 2).endswith(" h1.5x2")
+    assert arch_short(STAGES) == "d1-2-3-4-1 w16-32-64-128-256 se-+-+-"  # head unknown: left out
+    assert arch_short(()) == ""
+
+
+def test_rows_that_differ_only_in_the_head_differ_in_every_export(tmp_path):
+    rows = [record(1, 0.3, 2.0, head=(0.5, 1)), record(2, 0.3, 2.0, head=(1.0, 2))]
+    paths = export_pareto(rows, tmp_path)
+    csv = pd.read_csv(paths["csv"]).set_index("trial")
+    assert csv.loc[1, "arch"] != csv.loc[2, "arch"]
+    assert (csv.loc[1, "head_width"], csv.loc[1, "head_depth"]) == (0.5, 1)
+    assert (csv.loc[2, "head_width"], csv.loc[2, "head_depth"]) == (1.0, 2)
+    trials = {t["trial"]: t for t in json.loads(paths["json"].read_text())["trials"]}
+    assert (trials[2]["head_width"], trials[2]["head_depth"]) == (1.0, 2)
+    md = paths["md"].read_text()
+    assert "h0.5x1" in md and "h1x2" in md
+    assert "h1x2" in paths["html"].read_text()
 
 
 def test_pareto_table_missing_stages_are_na():
@@ -189,18 +227,50 @@ def test_export_csv_and_json_hold_every_finished_trial(records, tmp_path):
     assert header["hypervolume"] == pytest.approx(hypervolume(m, lat, (0.0, 8.0)))
     assert header["n_pareto"] == 4 and header["n_trials"] == 7 and header["baseline_trial"] == 0
     assert header["generated_at"]
-    assert trials[-1]["rank"] is None  # missing values are null
+    assert trials[-1]["front_rank"] is None  # missing values are null
+
+
+def test_export_leads_with_the_decision_columns_and_describes_every_column(records, tmp_path):
+    paths = export_pareto(records, tmp_path, baseline_latency_ms=4.0, latency_setup="64x64 px, batch 1",
+                          warnings=["the baseline latency was noisy"])
+    assert list(pd.read_csv(paths["csv"]).columns[:len(DECISION)]) == DECISION
+    header = json.loads(paths["json"].read_text())["header"]
+    assert header["schema"] == JSON_SCHEMA == "repnas.pareto/2"
+    assert header["columns"] == COLUMNS and set(header["column_descriptions"]) == {*COLUMNS, "hypervolume"}
+    assert "measured median" in header["column_descriptions"]["latency_measured_ms"]
+    assert "frozen" in header["column_descriptions"]["latency_ms"]
+    assert header["baseline_latency_ms"] == 4.0 and header["warnings"] == ["the baseline latency was noisy"]
+    md = paths["md"].read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert table[0] == ("| trial | mAP50-95 | mAP50 | latency measured (ms) | latency objective (ms) | ratio to "
+                        "baseline | params (M) | GFLOPs | arch | note |")
+    assert table[1:2] == ["| 5 | 0.1000 | 0.3000 | 0.500 | 1.000 | 0.250 | 1.500 | 2.500 | "
+                          "d1-2-3-4-1 w16-32-64-128-256 se-+-+- h0.5x1 |  |"]
+    assert "1 threads" not in md and "| rank" not in md and "HV" not in md.replace("hypervolume (HV)", "")
+    assert "- **hypervolume (HV)**: the area of the (latency objective, mAP50-95) plane" in md
+    assert "- **latency measured (ms)** (`latency_measured_ms`): this trial's own measured median" in md
+    assert "frozen when the study was created (4.000 ms)" in md and "**Warning:** the baseline latency was noisy" in md
+
+
+def test_the_plot_labels_front_points_with_their_trial_numbers(records):
+    from nas.pareto import _figure, _Summary
+
+    df = pareto_table(records)
+    fig = _figure(df, _Summary(title="t", reference=(0.0, 8.0), rule="r", hypervolume=1.0, n_trials=7, n_pareto=4,
+                               devices=("CPU test, 2 threads",)))
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert sorted(labels) == sorted(["5", "1", "3", "4", "baseline (trial 0)"])
 
 
 def test_export_md_holds_only_the_front_and_the_hypervolume(records, tmp_path):
     ref = (0.0, 10.0)
     text = export_pareto(records, tmp_path, formats=["md"], reference=ref)["md"].read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| rank")]
-    assert [int(line.split("|")[2]) for line in rows] == [5, 1, 3, 4]
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| trial")]
+    assert [int(line.split("|")[1]) for line in rows] == [5, 1, 3, 4]
     hv = hypervolume([r.map50_95 for r in records[:6]], [r.latency_ms for r in records[:6]], ref)
     hv_line = next(line for line in text.splitlines() if line.startswith("Hypervolume"))
     assert math.isclose(float(hv_line.split()[1]), hv, rel_tol=1e-5)
-    assert "latency = 10 ms" in hv_line and "front: 4 of 7" in hv_line
+    assert "latency objective = 10 ms" in hv_line and "front: 4 of 7" in hv_line
 
 
 def test_export_pareto_unknown_format_raises(records, tmp_path):

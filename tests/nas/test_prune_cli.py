@@ -1,8 +1,14 @@
-"""`repnas prune` and `repnas export-model` on trials of a tiny study."""
+"""`repnas prune`, `repnas val` and `repnas export-model` on trials of a tiny study: the sources they share, the
+sizes they default to and say, their progress lines."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -44,7 +50,83 @@ def test_prune_a_study_trial_writes_prune_json_and_a_loadable_model(study, tmp_p
     except ImportError:
         return  # the ONNX test below says how to install them
     assert main(["export-model", str(out), "--onnx", str(tmp_path / "pruned.onnx"), "--imgsz", "64"]) == 0
-    assert "onnxruntime vs PyTorch: max abs diff" in capsys.readouterr().out
+    assert "onnxruntime vs PyTorch on a seeded batch of 2: max abs diff" in capsys.readouterr().out
+
+
+def test_prune_defaults_to_the_studys_sizes_says_them_and_says_each_step(study, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    assert main(["prune", "tiny:0", "--target-flops", "60%", "--round-to", "4", "--finetune-epochs", "1",
+                 "--device", "cpu", "--out", str(tmp_path / "pruned")]) == 0  # no --imgsz, no --eval-imgsz
+    text = capsys.readouterr().out
+    assert "GFLOPs deploy at 64 " in text and "at 64 px, achieved" in text and "; mAP at 64 px;" in text
+    said = [r.getMessage() for r in caplog.records if r.name == "repnas.prune"]
+    assert said[0].startswith("prune: tiny:0 (trial folder ") and said[0].endswith(
+        "; GFLOPs and latency at 64 px (the size its GFLOPs and latency were recorded at; --imgsz changes it); mAP "
+        "and fine-tuning at 64 px (the size it was trained at; --eval-imgsz changes it)")
+    steps = ["calibration batches", "pruning ", "pruned ", "evaluating the source", "the source at 64 px: mAP50-95",
+             "evaluating the pruned model", "the pruned model at 64 px: mAP50-95", "fine-tuning 1 epoch at 64 px",
+             "fine-tune epoch 1/1: box", "BatchNorms folded back", "evaluating the fine-tuned model",
+             "the fine-tuned model at 64 px: mAP50-95", "timing the pruned model", "latency "]
+    assert len(said) == 1 + len(steps), said
+    for line, step in zip(said[1:], steps):
+        assert line.startswith("prune: ") and step in line, (line, step)
+
+
+def test_val_takes_every_source_at_the_size_it_was_trained_at(study, tmp_path, capsys, caplog):
+    from nas.study import load_study
+
+    trial = load_study("tiny").trials[0]
+    folder = tmp_path / "results/tiny/trials/0"
+    caplog.set_level(logging.INFO)
+    for argv in (["tiny:0"], [str(folder)], [str(folder / "model.yaml"), "--weights", str(folder / "fused.pt")]):
+        caplog.clear()
+        assert main(["val", *argv, "--device", "cpu"]) == 0, argv  # no --weights required, no --data, no --imgsz
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].split() == ["images", "boxes", "mAP50", "mAP50-95", "imgsz"]
+        assert float(out[1].split()[2]) == pytest.approx(trial.user_attrs["map50"], abs=5e-5)
+        assert out[1].split()[4] == "64" and out[2].startswith("evaluated at 64 px (the size it was trained at; "
+                                                               "--imgsz changes it) on the val split of ")
+        said = [r.getMessage() for r in caplog.records if r.name == "repnas.val"]
+        assert len(said) == 2 and " at 64 px (the size it was trained at" in said[0]
+        assert said[1].startswith("val: 3 images in ") and said[1].endswith(" images/s)")
+    assert main(["val", "tiny:0", "--imgsz", "96", "--device", "cpu", "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].startswith("evaluated at 96 px (--imgsz) on")
+    for quiet in ([], ["--quiet"]):  # the console as a user sees it: progress on stderr, none with --quiet
+        run = subprocess.run([sys.executable, "-m", "nas.cli", "val", "tiny:0", "--device", "cpu", *quiet],
+                             capture_output=True, text=True, check=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+        said = [line for line in run.stderr.splitlines() if line.startswith(("val: tiny:0 ", "val: 3 images in "))]
+        assert len(said) == (0 if quiet else 2) and (run.stderr == "" if quiet else True), run.stderr
+        assert run.stdout.splitlines()[1].split()[4] == "64"
+
+
+def test_val_names_a_class_count_mismatch_in_one_whole_line(study, tmp_path, capsys, monkeypatch):
+    from nas.synth import SynthConfig, make_synthetic
+
+    folder = tmp_path / "results/tiny/trials/0"
+    shutil.copy(folder / "fused.pt", tmp_path / "fused.pt")  # weights away from their run: no data recorded
+    four = make_synthetic(tmp_path / "four", SynthConfig(images=10, classes=4, imgsz=64))
+    monkeypatch.setattr("nas.synth.default_dataset", lambda *a: four)  # the built-in set has 4 classes too
+    for data in ([], ["--data", str(four)]):
+        assert main(["val", str(folder / "model.yaml"), "--weights", str(tmp_path / "fused.pt"), *data]) == 2
+        what = f"--data {four}" if data else f"the built-in synthetic dataset {four} (no --data given)"
+        assert capsys.readouterr().err == (
+            f"repnas val: error: {folder / 'model.yaml'}: the weights have nc=2, {what} has 4 classes; pass --data "
+            "DATA.yaml of the 2-class dataset they were trained on\n")
+    assert main(["prune", "tiny:0", "--target-flops", "50%", "--data", str(four)]) == 2
+    assert "tiny:0: the weights have nc=2, --data" in capsys.readouterr().err
+
+
+def test_a_weights_misfit_is_said_whole_never_cut_mid_word(study, tmp_path, capsys):
+    import yaml
+
+    folder = tmp_path / "results/tiny/trials/0"
+    other = yaml.safe_load((folder / "model.yaml").read_text())
+    other["backbone"][0][3][0] *= 2  # a wider stem: a model the weights do not fit
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    assert main(["val", str(tmp_path / "other.yaml"), "--weights", str(folder / "fused.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("; give the YAML these weights were trained from\n"), err
+    assert "torch.Siz" not in err and " tensors differ in shape (first model.0." in err
 
 
 def test_export_model_onnx_matches_pytorch(study, tmp_path, capsys):
@@ -52,7 +134,7 @@ def test_export_model_onnx_matches_pytorch(study, tmp_path, capsys):
     pytest.importorskip("onnx", reason="ONNX export needs the onnx extra: pip install -e '.[onnx]'")
     out = tmp_path / "model.onnx"
     assert main(["export-model", "tiny:1", "--onnx", str(out), "--imgsz", "64"]) == 0
-    assert out.is_file() and "onnxruntime vs PyTorch: max abs diff" in capsys.readouterr().out
+    assert out.is_file() and "onnxruntime vs PyTorch on a seeded batch of 2: max abs diff" in capsys.readouterr().out
 
 
 def test_bad_sources_and_targets_exit_2(study, tmp_path, capsys):

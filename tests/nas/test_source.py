@@ -4,6 +4,7 @@ study (run once for the module), what is refused, pickles never run, and recorde
 from __future__ import annotations
 
 import pathlib
+import re
 import shutil
 from pathlib import Path
 
@@ -57,10 +58,22 @@ def test_a_model_yaml_without_weights_or_with_weights_of_another_model_is_refuse
     _, model_yaml, weights = _saved(tmp_path, fused=False)
     with pytest.raises(SourceError, match=r"model.yaml: a model YAML needs --weights W.pt"):
         load_source(str(model_yaml))
-    other = tiny_yaml(5)  # another class count: the Detect weights do not fit
+    other = tiny_yaml(2)
+    other["backbone"][0][3][0] = 24  # another width: the weights do not fit
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
-    with pytest.raises(SourceError, match=r"--weights .*weights.pt do not fit .*other.yaml"):
+    with pytest.raises(SourceError) as refused:
         load_source(str(tmp_path / "other.yaml"), str(weights))
+    message = str(refused.value)  # whole: what differs, with both shapes; never cut at "torch.Siz"
+    assert re.fullmatch(r"--weights .*weights.pt do not fit .*other.yaml: \d+ of \d+ tensors differ in shape \(first "
+                        r"model.0.rbr_dense.conv.weight: \[16, 3, 3, 3\] in the weights, \[24, 3, 3, 3\] in the "
+                        r"model\); give the YAML these weights were trained from", message), message
+
+
+def test_the_weights_say_the_class_count_not_the_yaml(tmp_path):
+    _, _, weights = _saved(tmp_path, fused=True)  # trained for 2 classes
+    (tmp_path / "five.yaml").write_text(yaml.safe_dump(tiny_yaml(5)))  # a YAML's nc is a default (train replaces it)
+    source = load_source(str(tmp_path / "five.yaml"), str(weights))
+    assert source.nc == 2 and source.model.detect.nc == 2
 
 
 def test_a_trial_folder_loads_with_what_its_metrics_record(study_root, assets):
@@ -69,6 +82,9 @@ def test_a_trial_folder_loads_with_what_its_metrics_record(study_root, assets):
     assert source.description == f"trial folder {folder} (fused.pt)" and source.folder == folder
     assert is_deploy(source.model) and source.nc == 2
     assert source.train_imgsz == 64 and Path(source.data).resolve() == Path(assets["data"]).resolve()
+    assert source.cost_imgsz == 64  # the size its GFLOPs and latency were recorded at
+    beside = load_source(str(folder / "model.yaml"), str(folder / "fused.pt"))  # a YAML with its run's weights
+    assert (beside.data, beside.train_imgsz, beside.cost_imgsz) == (source.data, 64, 64)
     with pytest.raises(SourceError, match=r"carries its own weights; drop --weights"):
         load_source(str(folder), str(folder / "weights.pt"))
 
@@ -81,6 +97,7 @@ def test_study_trial_loads_the_trials_files_checked_against_their_sha256(study_r
     assert Path(source.data).resolve() == Path(assets["data"]).resolve() and is_deploy(source.model)
     assert source.info["trial_attrs"]["map50_95"] == trial.user_attrs["map50_95"]
     assert source.info["trial_attrs"]["latency_ms"] == trial.values[1]
+    assert source.train_imgsz == 64 and source.cost_imgsz == trial.user_attrs["gflops_imgsz"] == 64
 
 
 def test_study_trial_sources_that_are_refused(study_root, tmp_path):
@@ -88,6 +105,8 @@ def test_study_trial_sources_that_are_refused(study_root, tmp_path):
     shutil.copytree(study_root / "res", results)  # a copy to damage
     with pytest.raises(SourceError, match=r"tiny:3: study 'tiny' has trials 0..0"):
         load_source("tiny:3", results=str(results))
+    with pytest.raises(SourceError, match=r"tiny:0 is a study's trial: it carries its own weights; drop --weights"):
+        load_source("tiny:0", "w.pt", results=str(results))
     study = load_study("tiny", results=str(results))
     study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
     with pytest.raises(SourceError, match=r"tiny:1: trial 1 is FAIL, not COMPLETE; pick a finished trial"):

@@ -1,4 +1,7 @@
 import json
+import logging
+import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -38,6 +41,22 @@ def test_a_callback_can_stop_training(tiny_data):
     result = fit(build_model(tiny_yaml(nc=3)), tiny_data, ProxyConfig(**FAST | {"epochs": 3}),
                  callbacks=[lambda epoch, *_: epoch >= 1])
     assert result.stopped_early and len(result.history) == 1
+
+
+def test_fit_says_one_line_per_epoch_that_stays_in_a_log(tiny_data, caplog):
+    lines: list[str] = []
+    cfg = ProxyConfig(**FAST | {"quiet": False, "val_every": 2, "epochs": 3})
+    fit(build_model(tiny_yaml(nc=3)), tiny_data, cfg, progress=lines.append)
+    assert len(lines) == 3 and [line.split(":")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert all(re.fullmatch(r"epoch \d/3: box [\d.]+ obj [\d.]+ cls [\d.]+, [\d.]+ s(; mAP50-95 [\d.]+ mAP50 "
+                            r"[\d.]+)?", line) for line in lines), lines
+    assert ["mAP50" in line for line in lines] == [False, True, True]  # validated: every 2nd epoch and the last
+    caplog.set_level(logging.INFO, logger="repnas.train")  # no `progress`: the log (the CLI shows INFO lines)
+    fit(build_model(tiny_yaml(nc=3)), tiny_data, replace(cfg, epochs=1))
+    assert [r.getMessage().split(":")[0] for r in caplog.records if r.name == "repnas.train"] == ["epoch 1/1"]
+    caplog.clear()
+    fit(build_model(tiny_yaml(nc=3)), tiny_data, replace(cfg, epochs=1, quiet=True), progress=lines.append)
+    assert len(lines) == 3 and not caplog.records  # quiet: no line anywhere
 
 
 def test_fit_is_deterministic_for_a_seed(tiny_data):
@@ -151,6 +170,42 @@ def test_cli_train_then_val(tiny_data, tmp_path, capsys):
                  "--imgsz", "64", "--device", "cpu", "--quiet"]) == 0
     row = capsys.readouterr().out.splitlines()[1].split()
     assert float(row[2]) == pytest.approx(metrics["map50"], abs=5e-5)  # `val` prints 4 decimals
+    # the run's folder is a source too: its data and size come from metrics.json (no --data, no --imgsz)
+    assert main(["val", str(out), "--device", "cpu", "--quiet"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1].split()[2] == row[2] and printed[1].split()[4] == "64"
+    assert printed[2] == (f"evaluated at 64 px (the size it was trained at; --imgsz changes it) on the val split of "
+                          f"{tiny_data}")
+    # and for latency (timed at its recorded size unless --imgsz), and its disk use was said at the end of train
+    assert main(["latency", str(out), "--device", "cpu", "--iters", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[1].split()[:2] == ["fused", "64x64"]
+    assert "at 64 px, the size it was timed at (--imgsz changes it)" in captured.err
+    assert main(["latency", str(out), "--no-fused", "--device", "cpu"]) == 2
+    assert "--no-fused needs a MODEL.yaml" in capsys.readouterr().err
+
+
+def test_cli_train_says_its_disk_use(tiny_data, tmp_path, capsys):
+    from nas.files import folder_bytes, format_bytes
+
+    model_yaml = tmp_path / "tiny.yaml"
+    model_yaml.write_text(json.dumps(tiny_yaml(nc=3)))
+    out = tmp_path / "run"
+    assert main(["train", str(model_yaml), "--data", str(tiny_data), "--epochs", "1", "--imgsz", "64", "--batch", "8",
+                 "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    assert f"; {format_bytes(folder_bytes(out))} on disk)" in capsys.readouterr().out
+
+
+def test_cli_train_says_what_it_trains_and_one_line_per_epoch(tiny_data, tmp_path, caplog):
+    model_yaml = tmp_path / "tiny.yaml"
+    model_yaml.write_text(json.dumps(tiny_yaml(nc=3)))
+    caplog.set_level(logging.INFO)
+    assert main(["train", str(model_yaml), "--data", str(tiny_data), "--epochs", "2", "--imgsz", "64", "--batch", "8",
+                 "--device", "cpu", "--out", str(tmp_path / "run")]) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "repnas.train"]
+    assert said[0].startswith(f"training {model_yaml} (") and said[0].endswith(": 2 epochs at 64 px, batch 8, "
+                                                                                 "device cpu")
+    assert [line.split(":")[0] for line in said[1:]] == ["epoch 1/2", "epoch 2/2"]
 
 
 def test_cli_refuses_pickled_weights(tmp_path, capsys):

@@ -220,3 +220,14 @@ def test_the_small_space_is_the_default_spaces_cheap_corner_narrowed(tmp_path, m
     assert load_space("small").source == small.source
     (tmp_path / "my.yaml").write_text(Path(small.source).read_text())
     assert load_space("my.yaml").source.endswith("my.yaml")
+
+
+def test_seed_names_the_seed_design_unless_a_file_has_that_name(tmp_path, monkeypatch):
+    from space.searchspace import is_seed_source, model_yaml_source
+
+    monkeypatch.chdir(tmp_path)
+    assert model_yaml_source("seed", nc=3) == seed_arch().to_yaml(3)
+    assert count_params(build_model(model_yaml_source("seed"), device="meta")) == 13_906_045  # the seed YAML's count
+    assert model_yaml_source("my.yaml") == "my.yaml" and not is_seed_source(None)
+    (tmp_path / "seed").write_text("nc: 1\n")
+    assert model_yaml_source("seed") == "seed" and not is_seed_source(Path("seed"))  # the file wins

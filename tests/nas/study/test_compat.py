@@ -75,17 +75,28 @@ def test_an_old_study_shows_and_exports_with_its_values(name, assets, tmp_path, 
     assert settings.latency["iters"] == (10 if name == "demo" else 30)
 
     screen = show_study(name, results=str(results))
-    assert f"latency_imgsz: {old['imgsz']}" in screen and f"{STUDIES[name]} of {old['trials']} counted" in screen
+    size = old["imgsz"]
+    assert f"  latency: {size}x{size} px, batch {old['batch']}, " in screen
+    assert f"{STUDIES[name]} of {old['trials']} counted" in screen and "on CPU, each process's own threads" in screen
     assert "baseline latency (frozen at creation)" in screen and "Pareto front:" in screen
     assert main(["show", name, "--results", str(results)]) == 0
 
     paths = export_study(name, tmp_path / "out", "csv,json", results=str(results))
     new, before = pd.read_csv(paths["csv"]), pd.read_csv(OLD / name / "pareto.csv")
-    added = [c for c in new.columns if c not in before.columns]  # columns of later versions, empty for it
-    assert added == ["confirmed_map50_95", "confirmed_std", "confirmed_runs", "confirmed_pareto"]
+    before = before.rename(columns={"rank": "front_rank"})  # renamed in repnas.pareto/2
+    before["device"] = before["device"].str.replace(", 1 threads", ", 1 thread")  # the label's plural, fixed
+    added = [c for c in new.columns if c not in before.columns]  # columns of later versions
+    assert added == ["latency_measured_ms", "arch", "confirmed_map50_95", "confirmed_std", "confirmed_runs",
+                     "confirmed_pareto", "head_width", "head_depth"]
     assert (new["confirmed_runs"] == 0).all()
     assert new[["confirmed_map50_95", "confirmed_std", "confirmed_pareto"]].isna().all().all()
-    pd.testing.assert_frame_equal(new.drop(columns=["model_yaml", *added], errors="ignore"),
+    trials = {t.number: t.user_attrs for t in study.trials}
+    for _, row in new.iterrows():  # the added columns hold what each old trial recorded
+        attrs = trials[row["trial"]]
+        assert row["latency_measured_ms"] == attrs["latency_measured_ms"]
+        assert (row["head_width"], row["head_depth"]) == (attrs["arch"]["head_width"], attrs["arch"]["head_depth"])
+        assert row["arch"].endswith(f" h{attrs['arch']['head_width']:g}x{attrs['arch']['head_depth']}")
+    pd.testing.assert_frame_equal(new[[c for c in before.columns if c != "model_yaml"]],
                                   before.drop(columns=["model_yaml"], errors="ignore"))
     assert main(["export", name, "--results", str(results), "--out", str(tmp_path / "out2")]) == 0
     capsys.readouterr()

@@ -155,3 +155,52 @@ def test_the_same_arch_in_two_studies_trains_to_the_same_weights(settings, tmp_p
     assert files[0]["weights.pt"]["sha256"] == files[1]["weights.pt"]["sha256"]
     assert _sha(tmp_path / "results" / "two" / "trials" / files[1]["weights.pt"]["path"]) == \
         files[0]["weights.pt"]["sha256"]
+
+
+def test_a_resume_keeps_the_worker_layout_and_times_with_the_stored_threads(settings, tmp_path):
+    # issue #13's walk: created with two single-threaded workers, resumed without --workers: its third trial ran in
+    # one 2-thread process and the Pareto file mixed "1 threads" and "2 threads" latencies
+    import subprocess
+    import sys
+
+    common = ["--results", settings.results, "--quiet"]
+    first = subprocess.run([sys.executable, "-m", "nas.cli", "search", "--study", "walk", "--data", settings.data,
+                            "--space", settings.space, "--baseline", settings.baseline, "--trials", "2",
+                            "--epochs", "1", "--imgsz", "64", "--batch", "8", "--latency-imgsz", "64",
+                            "--device", "cpu", "--workers", "2", *common], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    walk = replace(settings, name="walk")
+    stored = load_stored_settings(walk)
+    assert stored["workers"] == 2 and stored["latency"]["threads"] == 1
+    resumed = subprocess.run([sys.executable, "-m", "nas.cli", "resume", "walk", "--trials", "3", *common],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "[worker " in resumed.stdout  # the stored layout: worker processes again, not one in-process run
+    devices = {t.user_attrs["device"]["threads"] for t in _load(walk).trials if "device" in t.user_attrs}
+    assert devices == {1}  # every trial timed with the stored thread count
+    again = subprocess.run([sys.executable, "-m", "nas.cli", "resume", "walk", "--trials", "4", "--workers", "1",
+                            *common], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr  # the layout may be changed freely
+    assert "[worker " not in again.stdout and load_stored_settings(walk)["workers"] == 1
+
+
+def load_stored_settings(settings: StudySettings) -> dict:
+    from nas.study.storage import load_stored
+
+    return load_stored(settings)
+
+
+def test_a_long_failure_reason_is_stored_cut_at_a_word(settings, monkeypatch, tmp_path):
+    words = " ".join(f"size mismatch for model.{i}.weight: torch.Size([{i}, 16, 3, 3])" for i in range(20))
+
+    def fit(*args, **kwargs):
+        raise TrainingDiverged(words)
+
+    monkeypatch.setattr(nas.study.trial, "fit", fit)
+    with pytest.raises(SearchStopped):
+        run_search(replace(settings, max_failures=1))
+    reason = _load(settings).trials[0].user_attrs["fail_reason"]
+    full = f"TrainingDiverged: {words}"
+    assert len(reason) <= 300 and reason.endswith("…") and full.startswith(reason[:-1])
+    assert full[len(reason) - 1] in " ,;:("  # whole words only; the whole message is in the traceback file
+    assert words in (tmp_path / "results/tiny/trials/0/traceback.txt").read_text()

@@ -51,3 +51,14 @@ def test_a_built_in_space_is_stored_by_name_and_a_file_by_absolute_path(tmp_path
     assert _normalise("space", "small") == "small" and _normalise("space", "default") == "default"
     (tmp_path / "small").write_text("a space file named like the built-in one wins")
     assert _normalise("space", "small") == str(tmp_path / "small")
+
+
+def test_baseline_seed_is_the_seed_design_and_stored_by_name(tmp_path, monkeypatch):
+    from nas.study.settings import load_baseline, load_enqueue, merge_settings
+    from space.searchspace import load_space, seed_arch
+
+    monkeypatch.chdir(tmp_path)
+    space = load_space()
+    assert load_baseline("seed", space) == load_baseline(None, space) == seed_arch(space)
+    assert load_enqueue("seed", space) == seed_arch(space).to_params()
+    assert merge_settings(StudySettings(name="s", baseline="seed"), None).baseline == "seed"  # not a path here

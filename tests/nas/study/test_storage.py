@@ -1,5 +1,6 @@
-"""Where a study lives (nas/study/storage.py): creating a study another process creates at the same moment, and
-the journal file's lock, which dies with its holder."""
+"""Where a study lives (nas/study/storage.py): creating a study another process creates at the same moment, its
+frozen baseline latency (timed as trials are, re-measured when noisy), and the journal file's lock, which dies with
+its holder."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ import pytest
 
 import nas.files
 import nas.study
-from nas.study import StudyError
+from nas.latency import Latency
+from nas.study import StudyError, run_search, show_study
 from tests.studyfixtures import BASELINE
 
 
 def _create_concurrently(settings, other_settings, monkeypatch) -> optuna.Study:
     """Create `settings`' study while, during its baseline measurement, another process creates it first."""
-    real = nas.study.storage.measure_latency
+    real = nas.study.storage.time_latency
     fired = []
 
     def measure(*args, **kwargs):
@@ -36,7 +38,7 @@ def _create_concurrently(settings, other_settings, monkeypatch) -> optuna.Study:
             other.set_user_attr(nas.study.SETTINGS_ATTR, nas.study.settings_json(theirs))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(nas.study.storage, "measure_latency", measure)
+    monkeypatch.setattr(nas.study.storage, "time_latency", measure)
     return nas.study.create_or_load_study(nas.study.merge_settings(settings, None))
 
 
@@ -51,6 +53,71 @@ def test_a_study_created_meanwhile_with_other_settings_is_refused(settings, monk
         _create_concurrently(settings, replace(settings, seed=7), monkeypatch)
     study = optuna.load_study(study_name="tiny", storage=nas.study.storage_for(settings))
     assert json.loads(study.user_attrs[nas.study.SETTINGS_ATTR])["seed"] == 7 and len(study.trials) == 1
+
+
+def test_the_baseline_is_timed_exactly_as_trials_are(settings, monkeypatch):
+    """The frozen baseline and every trial go through one timing call: the same size, batch, device and
+    LatencyConfig (threads, warmup, iterations, rounds...), interleaved with the fused baseline."""
+    real, calls = nas.study.trial.measure_latency, []
+
+    def measure(model, imgsz, batch, device, cfg, *, reference=None):
+        calls.append((imgsz, batch, device, cfg, reference is not None))
+        return real(model, imgsz, batch, device, cfg, reference=reference)
+
+    monkeypatch.setattr(nas.study.trial, "measure_latency", measure)
+    study = run_search(replace(settings, trials=1))
+    tries = study.user_attrs["baseline_latency_tries"]
+    assert len(calls) == len(tries) + 1  # the baseline's measurement(s) at creation, then trial 0's
+    assert len(set(calls)) == 1 and calls[0][4]  # one way of timing, with the baseline as reference
+    assert calls[0][3].threads >= 1 and calls[0][:2] == (64, 1)
+    assert study.user_attrs["baseline_latency_ms"] in [t["median_ms"] for t in tries]
+
+
+def _timings(monkeypatch, spreads: list[float]) -> list[float]:
+    """Make the baseline's measurements at creation have these p90/median (medians 10, 9, 8, ...); return the
+    spreads asked for."""
+    asked = []
+
+    def timed(network, settings, baseline_fused):
+        median = 10.0 - len(asked)
+        asked.append(spreads[len(asked)])
+        return Latency(median_ms=median, p90_ms=median * asked[-1], mean_ms=median, std_ms=0.0, iterations=30,
+                       imgsz=(64, 64), batch=1, dtype="float32",
+                       device={"type": "cpu", "name": "test", "threads": 1, "torch": "x"})
+
+    monkeypatch.setattr(nas.study.storage, "time_latency", timed)
+    return asked
+
+
+def test_a_noisy_baseline_is_measured_again_until_quiet(settings, monkeypatch):
+    asked = _timings(monkeypatch, [1.8, 1.5, 1.1, 1.0])
+    study = nas.study.create_or_load_study(nas.study.merge_settings(settings, None))
+    assert asked == [1.8, 1.5, 1.1]  # stopped at the first quiet one
+    assert study.user_attrs["baseline_latency_ms"] == 8.0  # the quiet measurement is frozen
+    assert [t["p90_ms"] / t["median_ms"] for t in study.user_attrs["baseline_latency_tries"]] == (
+        pytest.approx([1.8, 1.5, 1.1]))
+    assert "baseline_latency_warning" not in study.user_attrs
+    shown = show_study("tiny")
+    assert ("  baseline latency (frozen at creation): 8.000 ms median, p90 8.800 ms, on CPU test, 1 thread "
+            "(3 measurements)") in shown.splitlines()
+    assert "warning" not in shown
+
+
+def test_a_baseline_noisy_in_every_measurement_proceeds_with_a_stored_warning(settings, monkeypatch, caplog):
+    asked = _timings(monkeypatch, [1.8, 1.5, 1.4, 1.35, 1.0])
+    study = nas.study.create_or_load_study(nas.study.merge_settings(settings, None))
+    assert asked == [1.8, 1.5, 1.4, 1.35]  # measured, then again up to BASELINE_REMEASURES = 3 times
+    assert study.user_attrs["baseline_latency_ms"] == 7.0  # the lowest median: the least disturbed
+    warning = ("the baseline latency was noisy in all 4 measurements at creation (p90/median 1.80, 1.50, 1.40, 1.35; "
+               "a quiet machine stays below 1.3): the frozen 7.000 ms (the lowest median) may read high, and every "
+               "trial's latency_ms (ratio x that figure) with it; latency_ratio and latency_measured_ms do not "
+               "depend on it. For objectives that read as latency, create the study again on a quiet machine")
+    assert study.user_attrs["baseline_latency_warning"] == warning
+    assert f"warning: {warning}" in caplog.text
+    assert f"  warning: {warning}" in show_study("tiny").splitlines()
+    paths = nas.study.export_files(study, nas.study.stored_settings(study, "tiny"), formats="md,json")
+    assert f"**Warning:** {warning}" in paths["md"].read_text()
+    assert json.loads(paths["json"].read_text())["header"]["warnings"] == [warning]
 
 
 def test_a_worker_killed_while_holding_the_journal_lock_does_not_hold_it(settings):
