@@ -267,6 +267,7 @@ def run_confirm_row(dataset: str, row: str, log: Path) -> None:
     budget = CONFIRM_ROWS[row]
     seeds = [s for s in budget["seeds"] if s in SEEDS[dataset]]
     host = host_name(dataset)
+    _harvest_confirm(dataset, host)  # runs a stopped session finished: recorded before anything else
     code = _repnas(["confirm", host, "--results", str(WORK), "--spread", "1000", "--epochs", str(budget["epochs"]),
                     "--imgsz", str(budget["imgsz"]), "--seeds", *map(str, seeds), "--quiet", "--workers",
                     str(WORKERS)], log)
@@ -376,6 +377,9 @@ def table(dataset: str) -> list[dict]:
                 continue
             vec = np.mean([[s[a] for a in full] for s in seeds.values()], axis=0)
             agree = agreement(vec, ref_vec)
+            if agree.tau_b is None:
+                rows.append({"proxy": proxy, "metric": metric, "n": len(full), "incomplete": agree.why_not})
+                continue
             s2s = seed_to_seed_tau(np.array([[s[a] for s in seeds.values()] for a in full])) if len(seeds) > 1 \
                 else math.nan
             within = [kendall_tau_b([vec[full.index(a)] for a in t], [ref[a] for a in t]) for t in terciles]
@@ -425,7 +429,8 @@ def report(dataset: str) -> None:
           f"{'τ in latency terciles':>22} {'cost':>6} {'τ - τ(params) [90% CI]':>26}")
     for row in table(dataset):
         if row.get("incomplete"):
-            print(f"{row['proxy']:<16} {row['metric']:<6} {row['n']:>3}  (incomplete)")
+            why = row["incomplete"] if isinstance(row["incomplete"], str) else "runs missing"
+            print(f"{row['proxy']:<16} {row['metric']:<6} {row['n']:>3}  (not computed: {why})")
             continue
         ci = "" if row["tau_ci"] is None else f"[{row['tau_ci'][0]:.2f}, {row['tau_ci'][1]:.2f}]"
         terc = " ".join("  nan" if math.isnan(t) else f"{t:5.2f}" for t in row["tercile_tau"])
