@@ -16,7 +16,6 @@ import optuna
 from optuna.trial import TrialState
 
 from nas.study.attrs import FAIL_REASON_KEY, FOLLOWUP_KEY_PREFIX
-from nas.study.leases import take_lease
 from nas.study.settings import StudyError
 
 COMPANION_SUFFIX = ":followups"
@@ -46,18 +45,27 @@ def _check(kind: str, key: str) -> None:
 def start_followup(study: optuna.Study, target: int, kind: str, key: str) -> optuna.Trial:
     """A RUNNING follow-up trial for trial `target` of `study`, leased to this process.
 
-    Raises StudyError when `target` is not a finished trial of `study` or `kind`/`key` are not plain names.
+    The trial is created with its target, kind, key and lease in one storage write (a template trial), so a process
+    killed while claiming never leaves a RUNNING follow-up that names nothing and holds no lease. Raises StudyError
+    when `target` is not a finished trial of `study` or `kind`/`key` are not plain names.
     """
+    import os
+    import time
+
+    from optuna.trial import create_trial
+
+    from nas.study.attrs import HEARTBEAT_KEY, HOST_KEY, PID_KEY
+    from nas.study.leases import host_id
+
     _check(kind, key)
     trials = study.get_trials(deepcopy=False)
     if not 0 <= target < len(trials) or not trials[target].state.is_finished():
         raise StudyError(f"study {study.study_name!r} has no finished trial {target} to add a {kind} result to")
-    trial = companion(study).ask()
-    trial.set_user_attr(TARGET_KEY, target)
-    trial.set_user_attr(KIND_KEY, kind)
-    trial.set_user_attr(KEY_KEY, key)
-    take_lease(trial)
-    return trial
+    comp = companion(study)
+    template = create_trial(state=TrialState.RUNNING, user_attrs={
+        TARGET_KEY: target, KIND_KEY: kind, KEY_KEY: key, HOST_KEY: host_id(), PID_KEY: os.getpid(),
+        HEARTBEAT_KEY: time.time()})
+    return optuna.Trial(comp, comp._storage.create_new_trial(comp._study_id, template_trial=template))
 
 
 def finish_followup(study: optuna.Study, trial: optuna.Trial, result: dict) -> None:

@@ -116,3 +116,15 @@ def test_two_processes_adding_results_concurrently_lose_none(finished_study, tmp
     mirrored = [k for k in optuna.load_study(study_name="f", storage=finished_study._storage).user_attrs
                 if k.startswith("followup:confirm:")]
     assert len(mirrored) == 2 * n  # one study attr per key: no writer overwrote another's
+
+
+def test_a_claim_is_one_journal_record_holding_its_target_key_and_lease(finished_study, tmp_path):
+    # a process killed between creating a follow-up and naming it once left a RUNNING trial with no target and no
+    # lease: invisible to the confirm claims and never recovered as stale
+    journal = tmp_path / "results" / "f" / "study.log"
+    companion(finished_study)  # created on first use: not part of the claim
+    before = journal.read_bytes().count(b"\n")
+    trial = start_followup(finished_study, 1, "confirm", "epochs=4,seed=0")
+    assert journal.read_bytes().count(b"\n") == before + 1
+    attrs = companion(finished_study).trials[trial.number].user_attrs
+    assert {"followup_target", "followup_kind", "followup_key", "host", "pid", "heartbeat"} <= set(attrs)
