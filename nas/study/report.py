@@ -47,12 +47,14 @@ LOG = logging.getLogger("repnas.study")
 WEIGHT_FILES = ("weights.pt", "fused.pt", "pruned/weights.pt")
 
 
-def trial_records(study: optuna.Study, settings: StudySettings) -> list[TrialRecord]:
+def trial_records(study: optuna.Study, settings: StudySettings,
+                  confirmed: dict[int, dict] | None = None) -> list[TrialRecord]:
     """One TrialRecord per trial, for the Pareto files (early-stopped trials keep their partial mAP off the table),
     with the confirmed mAP50-95 of the longest `repnas confirm` budget where there is one."""
     from nas.study.confirm import confirmed_for_records
 
-    _, confirmed = confirmed_for_records(study)
+    if confirmed is None:  # trial -> its row at the longest confirmed budget
+        _, confirmed = confirmed_for_records(study)
     records = []
     for t in study.get_trials(deepcopy=False):
         attrs = t.user_attrs
@@ -101,13 +103,13 @@ def trial_line(t: FrozenTrial) -> str:
 def export_files(study: optuna.Study, settings: StudySettings, out_dir: str | Path | None = None,
                  formats: Sequence[str] | str = FORMATS) -> dict[str, Path]:
     """Write the study's Pareto files into `out_dir` (default: the study folder); return format -> path."""
-    from nas.study.confirm import budgets
+    from nas.study.confirm import confirmed_for_records
 
-    found = budgets(study)
+    budget, confirmed = confirmed_for_records(study)  # read once: this runs after every trial
     warning = study.user_attrs.get(BASELINE_LATENCY_WARNING_KEY)
-    return export_pareto(trial_records(study, settings), out_dir or settings.folder, formats,
+    return export_pareto(trial_records(study, settings, confirmed), out_dir or settings.folder, formats,
                          title=f"repnas study {settings.name}: mAP50-95 vs latency",
-                         confirmed_budget=found[0] if found else None,
+                         confirmed_budget=budget,
                          baseline_latency_ms=study.user_attrs.get(BASELINE_LATENCY_MS_KEY),
                          latency_setup=latency_setup(settings), warnings=[warning] if warning else [])
 
