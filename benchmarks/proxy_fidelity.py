@@ -387,8 +387,47 @@ def table(dataset: str) -> list[dict]:
             rows.append({"proxy": proxy, "metric": metric, "n": len(full), "tau_b": agree.tau_b,
                          "tau_ci": agree.to_dict()["tau_b_ci90"], "rho": agree.rho, "seed_tau": s2s,
                          "tercile_tau": within, "cost": cost / ref_cost if ref_cost else math.nan,
-                         "vs_params": [diff, interval.low, interval.high]})
+                         "vs_params": [diff, interval.low, interval.high], "scores": vec, "reference": ref_vec})
     return rows
+
+
+MAX_COST = 0.25  # a proxy costs at most 1/4 of the reference (issue 12, item 2)
+BARS = {"tau_b": 0.7, "seed_tau": 0.8}  # item 3: τ-b against the reference, seed-to-seed τ-b
+
+
+def choose(rows: list[dict]) -> tuple[dict | None, str]:
+    """Item 3's rule over `table` rows: the cheapest trained proxy (cost <= MAX_COST) meeting BARS; else the
+    highest-τ one at that cost, with the shortfall said. Zero-cost scores and the confirm rows are not candidates."""
+    cands = [r for r in rows if "tau_b" in r and r["metric"] != "score" and r["proxy"] not in CONFIRM_ROWS
+             and math.isfinite(r["cost"]) and r["cost"] <= MAX_COST]
+    if not cands:
+        return None, "no proxy row is complete yet"
+    meets = [r for r in cands if r["tau_b"] >= BARS["tau_b"] and r["seed_tau"] >= BARS["seed_tau"]]
+    if meets:
+        best = min(meets, key=lambda r: r["cost"])
+        return best, (f"{best['proxy']} ({best['metric']}): the cheapest proxy meeting τ-b >= {BARS['tau_b']} and "
+                      f"seed-to-seed τ-b >= {BARS['seed_tau']} at cost {best['cost']:.3f} <= {MAX_COST}")
+    best = max(cands, key=lambda r: (r["tau_b"], -r["cost"]))
+    short = [f"τ-b {best['tau_b']:.3f} < {BARS['tau_b']}" if best["tau_b"] < BARS["tau_b"] else "",
+             ("one training seed: seed-to-seed τ-b not measured" if math.isnan(best["seed_tau"]) else
+              f"seed-to-seed τ-b {best['seed_tau']:.3f} < {BARS['seed_tau']}")
+             if not best["seed_tau"] >= BARS["seed_tau"] else ""]
+    return best, (f"{best['proxy']} ({best['metric']}): no proxy meets the bars; the highest τ-b at cost <= "
+                  f"{MAX_COST} ({best['cost']:.3f}); shortfall: {', '.join(x for x in short if x)}")
+
+
+def versus(best: dict, rows: list[dict]) -> list[tuple[str, str, float, float, float]]:
+    """τ-b(best) - τ-b(other) with its paired-bootstrap 90% interval over Archs, for every other complete row:
+    `best` beats a row only when the interval excludes 0."""
+    from nas.fidelity import paired_difference
+
+    out = []
+    for r in rows:
+        if "tau_b" not in r or r is best:
+            continue
+        diff, interval = paired_difference(best["scores"], r["scores"], best["reference"])
+        out.append((r["proxy"], r["metric"], diff, interval.low, interval.high))
+    return out
 
 
 ZERO_COST = HERE / "zero_cost.jsonl"  # benchmarks/zero_cost.py: training-free scores per (dataset, Arch, seed)
@@ -427,7 +466,8 @@ def report(dataset: str) -> None:
             print(f"reference seed-to-seed τ-b {tau:.3f} over {len(archs)} Archs (bar: >= 0.8)")
     print(f"{'proxy':<16} {'metric':<6} {'n':>3} {'τ-b':>6} {'90% CI':>15} {'ρ':>6} {'seed τ':>7} "
           f"{'τ in latency terciles':>22} {'cost':>6} {'τ - τ(params) [90% CI]':>26}")
-    for row in table(dataset):
+    rows = table(dataset)
+    for row in rows:
         if row.get("incomplete"):
             why = row["incomplete"] if isinstance(row["incomplete"], str) else "runs missing"
             print(f"{row['proxy']:<16} {row['metric']:<6} {row['n']:>3}  (not computed: {why})")
@@ -437,6 +477,14 @@ def report(dataset: str) -> None:
         d = row["vs_params"]
         print(f"{row['proxy']:<16} {row['metric']:<6} {row['n']:>3} {row['tau_b']:>6.3f} {ci:>15} {row['rho']:>6.3f} "
               f"{row['seed_tau']:>7.3f} {terc:>22} {row['cost']:>6.3f} {d[0]:>7.3f} [{d[1]:.2f}, {d[2]:.2f}]")
+    best, why = choose(rows)
+    print(f"choice (item 3): {why}")
+    if best is not None:
+        print(f"τ-b({best['proxy']}, {best['metric']}) - τ-b(row) [paired-bootstrap 90% CI]; it beats a row only "
+              "when the interval excludes 0:")
+        for proxy, metric, diff, low, high in versus(best, rows):
+            mark = "beats" if low > 0 else ("loses to" if high < 0 else "no difference")
+            print(f"  vs {proxy:<16} {metric:<6} {diff:>7.3f} [{low:.2f}, {high:.2f}]  {mark}")
 
 
 def main() -> None:
