@@ -372,15 +372,20 @@ class Resume(Search, name="resume", help="continue a study (search --study NAME)
         arg.add_search_options(p)
 
 
-class Prune(Command, name="prune", help="prune a trained model to a FLOPs target (and fine-tune it)"):
-    """Prune a trained model's fused network to a FLOPs target, optionally fine-tune it, and report before/after."""
+class Prune(Command, name="prune", help="prune a trained model to a FLOPs or latency target (and fine-tune it)"):
+    """Prune a trained model's fused network to a FLOPs target or a measured latency target, optionally fine-tune
+    it, and report before/after. A latency target searches the FLOPs fraction on measurements (each candidate timed
+    interleaved with the unpruned model on --device at --imgsz, batch 1) and checks the result independently."""
 
     def add_arguments(self, p):
         from nas.train import ProxyConfig
         from pruning.channel import IMPORTANCES
 
         arg.add_source(p)
-        p.add_argument("--target-flops", required=True, help="'50%%' or 0.5 of the deploy GFLOPs, or absolute '2.5G'")
+        target = p.add_mutually_exclusive_group(required=True)
+        target.add_argument("--target-flops", help="'50%%' or 0.5 of the deploy GFLOPs, or absolute '2.5G'")
+        target.add_argument("--target-latency", help="'0.6x' of the unpruned model's measured latency, or '35ms' (on "
+                                                     "this device, at --imgsz, batch 1)")
         p.add_argument("--importance", choices=IMPORTANCES, default="taylor",
                        help="channel importance: first-order Taylor on training batches (default; see RESULTS.md), "
                             "weight magnitude (l2, l1), or random")
@@ -402,7 +407,7 @@ class Prune(Command, name="prune", help="prune a trained model to a FLOPs target
     def take_action(self, args):
         import logging
 
-        from nas.prune import prune_job, resolve_prune_data, save_prune_report
+        from nas.prune import LatencyTarget, prune_job, resolve_prune_data, save_prune_report
         from nas.source import load_source, source_size
         from nas.train import ProxyConfig
         from pruning.channel import parse_target
@@ -414,17 +419,22 @@ class Prune(Command, name="prune", help="prune a trained model to a FLOPs target
                                        "latency were recorded at")
         eval_imgsz, eval_said = source_size(args.eval_imgsz, source.train_imgsz, ProxyConfig().imgsz, "--eval-imgsz",
                                             "the size it was trained at")
-        parse_target(args.target_flops, count_gflops(source.model, imgsz))  # a bad target fails before any work
+        if args.target_latency is not None:  # a bad target fails before any work
+            target_latency = LatencyTarget.parse(args.target_latency)
+        else:
+            target_latency = None
+            parse_target(args.target_flops, count_gflops(source.model, imgsz))
         data = resolve_prune_data(args.data, source, args.source, importance=args.importance,
                                   finetune_epochs=args.finetune_epochs, evaluate_before=not args.no_eval)
         logging.getLogger("repnas.prune").info("prune: %s; GFLOPs and latency at %s; mAP and fine-tuning at %s",
                                                source.description, cost_said, eval_said)
         report = prune_job(source.model, data, args.target_flops, imgsz=imgsz, eval_imgsz=eval_imgsz,
                            importance=args.importance, round_to=args.round_to, finetune_epochs=args.finetune_epochs,
-                           device=args.device, evaluate_before=not args.no_eval)
+                           device=args.device, evaluate_before=not args.no_eval, target_latency=target_latency)
         label = args.source.replace(":", "-").replace("/", "_").strip("._-") or "model"
         out = Path(args.out) if args.out else arg.default_out(Path(args.results) / "prune", label)
-        save_prune_report(report, out, source=source.description, data=data, target=args.target_flops)
+        save_prune_report(report, out, source=source.description, data=data,
+                          target=args.target_flops if target_latency is None else target_latency.text)
         print(report.table())
         print(f"wrote {out}/channels.json, weights.pt (load with pruning.portable.load_pruned) and prune.json")
         return 0

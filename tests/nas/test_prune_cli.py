@@ -217,3 +217,58 @@ def _wide_space(tmp_path):
     base = {k: (16 if k.endswith("_width") and k.startswith("P") else v) for k, v in BASELINE.items()}
     (tmp_path / "wide-base.yaml").write_text(yaml.safe_dump(base))
     return path
+
+
+def _affine_timer(monkeypatch, overhead=0.2, source_ms=10.0):
+    """nas.prune's timer replaced by a latency model of FLOPs with a fixed overhead (real timings of a tiny model on
+    a busy CPU are launch overhead and noise; the search on real timings is benchmarks/prune_latency.py's)."""
+    import nas.prune
+    from nas.latency import Latency
+    from space.cost import count_gflops
+
+    def measure(model, imgsz, batch=1, device="cpu", cfg=None, *, reference=None):
+        ms = source_ms * (overhead + (1 - overhead) * count_gflops(model, imgsz) / full[0]) if full else source_ms
+        ref = None if reference is None else source_ms
+        return Latency(ms, ms, ms, 0.0, 1, (imgsz, imgsz), batch, {"type": "cpu", "name": "fake"},
+                       reference_median_ms=ref, latency_ratio=None if ref is None else ms / ref)
+
+    full: list[float] = []
+    real_job = nas.prune.prune_job
+
+    def job(model, *args, **kwargs):
+        full.append(count_gflops(model, kwargs["imgsz"]))
+        return real_job(model, *args, **kwargs)
+
+    monkeypatch.setattr(nas.prune, "measure_latency", measure)
+    monkeypatch.setattr(nas.prune, "prune_job", job)
+
+
+@pytest.mark.parametrize("target, ratio", [("0.6x", 0.6), ("6ms", 0.6)])
+def test_prune_to_a_latency_target_from_the_cli_reports_the_independent_check(study, tmp_path, capsys, monkeypatch,
+                                                                              target, ratio):
+    _affine_timer(monkeypatch)
+    out = tmp_path / "pruned"
+    assert main(["prune", "tiny:0", "--target-latency", target, "--importance", "l2", "--round-to", "4", "--imgsz",
+                 "64", "--device", "cpu", "--no-eval", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert f"latency target {target} = ratio {ratio:.3f} at 64 px" in text and "independent check, median of 3" in text
+    report = json.loads((out / "prune.json").read_text())
+    record = report["latency_target"]
+    assert record["target_ratio"] == pytest.approx(ratio) and len(record["check_ratios"]) == 3
+    assert record["check_median"] == sorted(record["check_ratios"])[1]
+    assert record["within"] and abs(record["check_median"] / ratio - 1) <= 0.03
+    # with 20% overhead, 0.6x of the latency needs half the FLOPs, not 0.6 of them
+    assert record["fraction"] == pytest.approx(0.5, abs=0.05) and report["gflops_after"] < report["gflops_before"]
+    assert report["target"] == target
+
+
+def test_prune_takes_one_target_and_a_bad_latency_target_exits_2(study, tmp_path, capsys, monkeypatch):
+    assert main(["prune", "tiny:0", "--target-latency", "2x", "--device", "cpu", "--no-eval"]) == 2
+    err = capsys.readouterr().err
+    assert "latency target '2x'" in err and len(err.strip().splitlines()) == 1
+    _affine_timer(monkeypatch, source_ms=10.0)
+    assert main(["prune", "tiny:0", "--target-latency", "12ms", "--device", "cpu", "--no-eval", "--imgsz", "64"]) == 2
+    assert "already measures 10.000 ms" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", "tiny:0", "--target-latency", "0.5x", "--target-flops", "50%"])
+    assert exit_.value.code == 2
