@@ -8,5 +8,6 @@
     prune.py, source.py       the pruning job; STUDY:TRIAL and other model sources
     onnx_export.py, files.py  export_onnx; FileLock, weights as bytes, the atomic writers
     cli.py, cli_args.py       `repnas`: one command class per subcommand; the argparse pieces they share
+    dashboard.py              `repnas dashboard`: optuna-dashboard on the study's own storage
     study/                    the search study, one module per concern (see its __init__)
 """

@@ -551,8 +551,36 @@ class Export(Command, name="export", help="write a study's Pareto files"):
         return 0
 
 
+class Dashboard(Command, name="dashboard", help="serve a study in optuna-dashboard (the `dashboard` extra)"):
+    """Serve a study in optuna-dashboard (http://127.0.0.1:8080 by default) until Ctrl-C: the objectives named
+    mAP50-95 and latency_ms, the Pareto front, repnas's hypervolume plot and every trial's user attrs. The dashboard
+    gets the storage repnas opens for the study, so what it writes (notes, trial states) takes the study's lock as a
+    worker's appends do; `optuna-dashboard results/NAME/study.log` would not. Needs `pip install -e ".[dashboard]"`."""
+
+    def add_arguments(self, p):
+        from nas.dashboard import DEFAULT_HOST, DEFAULT_PORT
+
+        p.add_argument("name", metavar="NAME", help="study name")
+        arg.add_study_location(p)
+        p.add_argument("--host", default=DEFAULT_HOST,
+                       help="address to listen on (default %(default)s: this machine only; the dashboard has no "
+                            "login and can change the study)")
+        p.add_argument("--port", type=arg.nonneg_int, default=DEFAULT_PORT,
+                       help="port to listen on (default %(default)s; 0: any free port)")
+
+    def take_action(self, args):
+        from nas.dashboard import serve_dashboard
+        from nas.study import check_study_name
+
+        arg.setup_logging()
+        check_study_name(args.name)
+        serve_dashboard(args.name, storage=args.storage, results=args.results, host=args.host, port=args.port,
+                        report=lambda line: print(line, flush=True))
+        return 0
+
+
 COMMANDS: tuple[type[Command], ...] = (Build, SpaceGroup, Train, Val, Latency, DataGroup, Search, Resume, Confirm,
-                                       Prune, ExportModel, Clean, Show, Export)
+                                       Prune, ExportModel, Clean, Show, Export, Dashboard)
 
 
 def _add_commands(parser: arg.Parser, commands: Sequence[type[Command]], dest: str, metavar: str) -> None:

@@ -56,6 +56,8 @@ from space.builder import build_model
 from space.searchspace import load_space
 
 LOG = logging.getLogger("repnas.study")
+DIRECTIONS = ("maximize", "minimize")  # the study's objectives: mAP50-95 up, latency_ms down
+METRIC_NAMES = ("mAP50-95", "latency_ms")  # their names, as optuna-dashboard and Optuna's plots label them
 BASELINE_REMEASURES = 3  # a noisy baseline measurement at creation (p90/median > NOISY_SPREAD) is repeated this often
 
 
@@ -237,6 +239,15 @@ def _record_settings(study: optuna.Study, settings: StudySettings, why: str) -> 
     study.set_user_attr(SETTINGS_KEY, settings_json(settings))
 
 
+def name_objectives(study: optuna.Study) -> None:
+    """Store the objectives' names (`study.set_metric_names`: the study system attr "study:metric_names") unless
+    the study holds them already: at creation, and on resume for a study made before repnas stored them."""
+    if study.metric_names != list(METRIC_NAMES):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # experimental since Optuna 3.2
+            study.set_metric_names(list(METRIC_NAMES))
+
+
 def measure_baseline(fused: torch.nn.Module, settings: StudySettings) -> tuple[Latency, list[Latency], str | None]:
     """The baseline latency a new study freezes, timed exactly as its trials are (`time_latency`: the same device,
     LatencyConfig, size and batch, interleaved, here against a copy of itself), so trial 0's measured median matches
@@ -263,17 +274,19 @@ def measure_baseline(fused: torch.nn.Module, settings: StudySettings) -> tuple[L
 def create_or_load_study(settings: StudySettings, *, enqueue: Sequence[str] = ()) -> optuna.Study:
     """Create the study (frozen baseline latency measured, baseline enqueued as trial 0) or load it.
 
-    `settings` must be merged and resolved (`nas.study.run.prepare_study` does that). A loaded study whose stored
-    settings differ from `settings` (a forced change, or an older format) gets them replaced, the old ones kept in
-    its settings history. `enqueue`: YAMLs of known candidates to enqueue (after the baseline). Raises StudyError
-    when another process created the study meanwhile with other settings.
+    `settings` must be merged and resolved (`nas.study.run.prepare_study` does that). The objectives get their names
+    (`name_objectives`; an older study's on its first resume). A loaded study whose stored settings differ from
+    `settings` (a forced change, or an older format) gets them replaced, the old ones kept in its settings history.
+    `enqueue`: YAMLs of known candidates to enqueue (after the baseline). Raises StudyError when another process
+    created the study meanwhile with other settings.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage_for(settings, repair=True), study_name=settings.name,
-                                load_if_exists=True, directions=["maximize", "minimize"],
+                                load_if_exists=True, directions=list(DIRECTIONS),
                                 sampler=make_sampler(settings))
     space = load_space(settings.space)
     extra = [load_enqueue(path, space) for path in enqueue]  # all checked before anything is written
+    name_objectives(study)
     if SETTINGS_KEY in study.user_attrs:
         stored, wanted = json.loads(study.user_attrs[SETTINGS_KEY]), json.loads(settings_json(settings))
         if stored != wanted:
