@@ -45,7 +45,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = fuse_model(build_model(args.model, nc=80)).eval()
     info = device_info(dev, args.threads if dev.type == "cpu" else None)
-    print(f"device {info.get('name')} ({dev}), {args.threads} threads; target {args.target}x; torch {torch.__version__}")
+    print(f"device {info.get('name')} ({dev}), {args.threads} threads; target {args.target}x; "
+          f"torch {torch.__version__}")
     print(f"{'imgsz':>5} {'rep':>3} {'cands':>5} {'FLOPs':>6} {'search':>7} {'check (3 runs)':>22} {'median':>7} "
           f"{'error':>7} {'within':>6} {'seconds':>8}")
     for imgsz in args.sizes:
@@ -59,9 +60,9 @@ def main() -> None:
             seconds.append(took)
             within.append(lt["within"])
             check = " ".join(f"{r:.3f}" for r in lt["check_ratios"])
-            print(f"{imgsz:>5} {rep:>3} {len(lt['evaluations']):>5} {lt['fraction']:>6.3f} {lt['search_ratio']:>7.3f} "
-                  f"{check:>22} {lt['check_median']:>7.3f} {lt['check_error']:>+7.1%} {str(lt['within']):>6} "
-                  f"{took:>8.1f}", flush=True)
+            print(f"{imgsz:>5} {rep:>3} {len(lt['evaluations']):>5} {lt['fraction']:>6.3f} "
+                  f"{lt['search_ratio']:>7.3f} {check:>22} {lt['check_median']:>7.3f} {lt['check_error']:>+7.1%} "
+                  f"{lt['within']!s:>6} {took:>8.1f}", flush=True)
         print(f"{imgsz:>5} median {statistics.median(seconds):.1f} s, within ±3% in {sum(within)}/{len(within)}")
 
 

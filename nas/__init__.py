@@ -3,7 +3,7 @@
     data.py, synth.py         YOLO datasets (checked once, cached) and the synthetic default sets
     loss.py, metrics.py       YOLOv5's loss; NMS and COCO mAP
     train.py, evaluate.py     ProxyConfig, fit, train_job; evaluate
-    latency.py, device.py     LatencyConfig, measure_latency; resolve_device, device_label
+    latency.py, device.py     LatencyConfig, measure_latency, backends; resolve_device, gpu_identity, gpu_lock
     earlystop.py, pareto.py   the two-objective early-stopping rule; front, hypervolume, exports
     prune.py, source.py       the pruning job; STUDY:TRIAL and other model sources
     onnx_export.py, files.py  export_onnx; FileLock, weights as bytes, the atomic writers

@@ -208,7 +208,9 @@ class Latency(Command, name="latency", help="measure a model's latency (fused by
                        help=f"timed iterations (default {cuda.iters} on CUDA, {cpu.iters} on CPU)")
         p.add_argument("--threads", type=arg.positive_int, help="CPU threads while timing (default: torch's)")
         p.add_argument("--fp32", action="store_true", help="on CUDA, time in float32 instead of fp16")
-        p.add_argument("--cuda-graph", action="store_true", help="on CUDA, replay a captured CUDA graph")
+        arg.add_latency_backend(p)
+        p.add_argument("--cuda-graph", dest="latency_backend", action=arg.DeprecatedAlias, nargs=0,
+                       const="cudagraph", use="--latency-backend cudagraph", help=argparse.SUPPRESS)
         p.add_argument("--reference", metavar="REF.yaml", help="also time this model (fused), interleaved: the ratio")
 
     def take_action(self, args):
@@ -243,7 +245,8 @@ class Latency(Command, name="latency", help="measure a model's latency (fused by
         defaults = LatencyConfig.for_device(device)
         iters = args.iters or defaults.iters
         cfg = arg.make_config(LatencyConfig, warmup=defaults.warmup, iters=iters, rounds=min(defaults.rounds, iters),
-                              half=not args.fp32, cuda_graph=args.cuda_graph, threads=args.threads)
+                              half=not args.fp32, backend=args.latency_backend or defaults.backend,
+                              threads=args.threads)
         lat = measure_latency(model, imgsz, args.batch, device, cfg, reference=reference)
         info = lat.device
         where = device_label(info) + ("" if "threads" in info else
@@ -256,7 +259,7 @@ class Latency(Command, name="latency", help="measure a model's latency (fused by
               f"{lat.iterations:>6}{ratio:>7}")
         if lat.reference_median_ms:
             print(f"reference {args.reference} (fused): median {lat.reference_median_ms:.3f} ms, measured interleaved")
-        print(f"device: {where}; torch {info['torch']}")
+        print(f"device: {where}; torch {info['torch']}; backend {lat.backend}")
         warning = noise_warning(lat)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)

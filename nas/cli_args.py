@@ -78,7 +78,7 @@ class DeprecatedAlias(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         print(f"{option_string} is deprecated for `{parser.prog}`; use {self.use}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)  # a flag (nargs=0) stores const
 
 
 # value types
@@ -171,6 +171,20 @@ def add_study_location(p: argparse.ArgumentParser) -> None:
                    help="root folder of study folders (default ./%(default)s)")
 
 
+def add_latency_backend(p: argparse.ArgumentParser, *, what: str = "") -> None:
+    """--latency-backend, one name for every command that times latency (`repnas latency`, `search`, `resume`): a
+    `nas.latency.BACKENDS` name; None when not given (the device's default, or a study's stored backend)."""
+    import torch
+
+    from nas.latency import BACKENDS, LatencyConfig
+
+    cuda, cpu = (LatencyConfig.for_device(torch.device(kind)).backend for kind in ("cuda", "cpu"))
+    p.add_argument("--latency-backend", choices=tuple(BACKENDS), metavar="{" + ",".join(BACKENDS) + "}",
+                   help="how latency is timed: " + "; ".join(f"{name}: {b.summary} ({' or '.join(b.device_types)})"
+                                                            for name, b in BACKENDS.items())
+                   + f" (default {cuda} on CUDA, {cpu} on a CPU{what}; onnxruntime needs the onnx extra)")
+
+
 def add_search_options(p: argparse.ArgumentParser) -> None:
     """The options of `search` and `resume`; every default shown is read from nas.study.settings or ProxyConfig."""
     from nas.earlystop import EarlyStopConfig
@@ -196,6 +210,7 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
                                                        f"demo {DEMO['latency_imgsz']})")
     p.add_argument("--latency-batch", type=positive_int,
                    help=f"latency input batch size (default {DEFAULTS['latency_batch']})")
+    add_latency_backend(p, what="; frozen with the study, whose trials and baseline it times")
     p.add_argument("--batch", type=positive_int,
                    help=f"proxy training batch size (default {proxy.batch}, the demo {demo['batch']})")
     p.add_argument("--proxy", nargs="+", type=proxy_setting, metavar="KEY=VALUE", default=[],
@@ -317,8 +332,9 @@ def study_settings(args: argparse.Namespace):
     return StudySettings(
         name=args.study, storage=args.storage, data=args.data, space=args.space, trials=args.trials, seed=args.seed,
         sampler=args.sampler, proxy=proxy or None, latency_imgsz=args.latency_imgsz,
-        latency_batch=args.latency_batch, device=args.device, baseline=args.baseline, max_failures=args.max_failures,
-        max_latency_ms=args.max_latency_ms, max_latency_ratio=args.max_latency_ratio,
+        latency_batch=args.latency_batch, device=args.device,
+        latency={"backend": args.latency_backend} if args.latency_backend else None, baseline=args.baseline,
+        max_failures=args.max_failures, max_latency_ms=args.max_latency_ms, max_latency_ratio=args.max_latency_ratio,
         early_stop=None if args.early_stop is None else {"enabled": args.early_stop},
         keep_weights=args.keep_weights, artifacts=args.artifacts, stale_after=args.stale_after,
         prune_to=args.prune_to, prune_finetune_epochs=args.prune_finetune_epochs, results=args.results,

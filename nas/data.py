@@ -900,15 +900,17 @@ def collate(batch):
 
 
 def make_loader(dataset: YoloDataset, batch_size: int, *, shuffle: bool, workers: int = 0,
-                seed: int = 0) -> DataLoader:
+                seed: int = 0, pin_memory: bool | None = None) -> DataLoader:
     """A DataLoader with seeded shuffling; rect datasets must not be shuffled.
 
     Augmentation draws from torch's generator: per worker (seeded by the loader) or, with workers=0, the global one,
-    which `nas.train.fit` seeds.
+    which `nas.train.fit` seeds. `pin_memory`: page-locked batches for the copy to a GPU; callers pass whether they
+    run on CUDA, since pinning makes a CUDA context on the process's current device (GPU 0 unless set), which a CPU
+    run on a GPU host must not (None: whether CUDA is available, as before).
     """
     if dataset.rect and shuffle:
         raise ValueError("rect batches need the dataset's own order: shuffle=False")
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
-                      generator=generator, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-                      drop_last=False)
+                      generator=generator, persistent_workers=workers > 0,
+                      pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, drop_last=False)

@@ -78,7 +78,8 @@ def evaluate(model: nn.Module, data: str | Path | DataConfig | YoloDataset, imgs
     truths, detections = [], []
     order = {str(r.path): r for r in dataset.records}
     try:
-        for images, _, paths, shapes in make_loader(dataset, batch, shuffle=False, workers=workers):
+        for images, _, paths, shapes in make_loader(dataset, batch, shuffle=False, workers=workers,
+                                                    pin_memory=device.type == "cuda"):
             x = images.to(device, non_blocking=True)
             x = x.float() / 255  # (B, 3, H, W)
             if device.type == "cuda":

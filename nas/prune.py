@@ -2,8 +2,9 @@
 evaluated and timed, with a before/after report. `repnas prune` and the search's `--prune-to` both run `prune_job`.
 
 Data flow: mAP of the source; `pruning.channel.prune_to_flops` (magnitude or Taylor importance, the latter from
-calibration batches of the training split), or for a latency target `pruning.latency_target.prune_to_latency`
-(the FLOPs fraction searched on interleaved measurements against the source); mAP right after pruning; `pruning.finetune.insert_batchnorms` after
+calibration batches of the training split), or for a latency target
+`pruning.latency_target.prune_to_latency` (the FLOPs fraction searched on interleaved measurements against the
+source); mAP right after pruning; `pruning.finetune.insert_batchnorms` after
 each pruned conv, calibrated on training batches (output-neutral), `nas.train.fit` with
 `ProxyConfig.finetune(epochs=K)`, `fold_batchnorms` (equivalence-checked); mAP after fine-tuning; latency of the
 result with the source as the interleaved reference (a ratio that survives a noisy machine).
@@ -135,8 +136,9 @@ class PruneReport:
         lt = self.latency_target
         if lt:
             check = ", ".join(f"{x:.3f}" for x in lt["check_ratios"])
-            lines.append(f"latency target {lt['target']} = ratio {lt['target_ratio']:.3f} at {self.imgsz} px: pruned to "
-                         f"{r.flops_ratio:.3f} of the deploy FLOPs after {len(lt['evaluations'])} timed candidates; "
+            lines.append(f"latency target {lt['target']} = ratio {lt['target_ratio']:.3f} at {self.imgsz} px: "
+                         f"pruned to {r.flops_ratio:.3f} of the deploy FLOPs after {len(lt['evaluations'])} timed "
+                         "candidates; "
                          f"independent check, median of {len(lt['check_ratios'])} interleaved runs ({check}): "
                          f"{lt['check_median']:.3f} ({lt['check_error']:+.1%}, "
                          f"{'within' if lt['within'] else 'NOT within'} ±{CHECK_TOLERANCE:.0%}); mAP at "
@@ -211,8 +213,9 @@ def prune_job(model: nn.Module, data: DataConfig | None, target: float | str | N
     (mAP50-95, mAP50) pairs in [0, 1] before, after pruning and after fine-tuning (None where not measured), the
     latency dict (ms, ratio to the source) and seconds per step. Raises PruneError for a model that is not a fused
     detector or a bad target, importance or round_to, for both or neither of `target` and `target_latency`, and
-    for a latency target that pruning cannot reach (the message gives the smallest reachable ratio); ValueError when `finetune_epochs` > 0 without `data`; the
-    device errors of `resolve_device`; TrainingDiverged when fine-tuning diverges.
+    for a latency target that pruning cannot reach (the message gives the smallest reachable ratio); ValueError
+    when `finetune_epochs` > 0 without `data`; the device errors of `resolve_device`; TrainingDiverged when
+    fine-tuning diverges.
     """
     say = progress or (lambda line: LOG.info("prune: %s", line))
     dev = resolve_device(device)

@@ -29,7 +29,7 @@ from nas.data import (
     load_data_config,
     make_loader,
 )
-from nas.device import resolve_device
+from nas.device import gpu_lock, resolve_device
 from nas.evaluate import Metrics, evaluate
 from nas.files import state_dict_bytes, write_bytes_atomic, write_text_atomic
 from nas.loss import DetectionLoss, LossHyp
@@ -262,7 +262,8 @@ def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = Prox
                                  cfg.val_fraction, 0)
     val_set = YoloDataset(val_records, cfg.imgsz,
                           rect=True, batch_size=cfg.batch * 2, stride=stride, cache_images=cfg.cache_images)
-    loader = make_loader(train_set, cfg.batch, shuffle=True, workers=workers, seed=cfg.seed)
+    loader = make_loader(train_set, cfg.batch, shuffle=True, workers=workers, seed=cfg.seed,
+                         pin_memory=device.type == "cuda")  # pinning on a CPU run would make a context on GPU 0
 
     model.to(device)
     if device.type == "cuda":
@@ -281,6 +282,7 @@ def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = Prox
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     ema = ModelEMA(model, cfg.ema_decay, cfg.ema_tau)
 
+    gpu = gpu_lock(device)  # taken per step: workers sharing a GPU do not train while one times (no-op on a CPU)
     batches = len(loader)
     warmup_iters = round(cfg.warmup_epochs * batches)
     history: list[dict] = []
@@ -294,54 +296,56 @@ def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = Prox
         sums = torch.zeros(3)
         for i, (images, targets, _, _) in enumerate(_bar(loader, batches, f"epoch {epoch + 1}/{cfg.epochs}",
                                                          show=progress is None and not cfg.quiet)):
-            it = i + batches * epoch
-            x = images.to(device, non_blocking=True).float() / 255  # (B, 3, S, S)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            if it < warmup_iters:  # warm-up: LR ramps from 0 (bias: from warmup_bias_lr), momentum ramps up
-                frac = it / warmup_iters
-                for group in optimizer.param_groups:
-                    start_lr = cfg.warmup_bias_lr if group.get("is_bias") else 0.0
-                    group["lr"] = start_lr + frac * (group["initial_lr"] * lf(epoch) - start_lr)
-                    if cfg.optimizer == "SGD":
-                        group["momentum"] = cfg.warmup_momentum + frac * (cfg.momentum - cfg.warmup_momentum)
-            with torch.autocast(device.type, enabled=use_amp):
-                preds = model(x)
-                loss, items = loss_fn(preds, targets.to(device))
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1} (box/obj/cls "
-                    f"{[round(v, 4) for v in items.tolist()]}); lower lr0 (now {cfg.lr0}) or check the labels"
-                )
-            scaler.scale(loss).backward()
-            if it - last_step >= accumulate:
-                scaler.unscale_(optimizer)
-                norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
-                finite = bool(torch.isfinite(norm))
-                if finite or use_amp:  # with AMP the scaler skips a non-finite step itself and lowers its scale
-                    scaler.step(optimizer)
-                    scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if finite:
-                    ema.update(model)
-                    bad_steps = 0
-                else:  # one inf gradient would turn every weight into NaN: skip the step instead
-                    bad_steps += 1
-                    skipped += 1
-                    if bad_steps >= MAX_BAD_STEPS:
-                        raise TrainingDiverged(
-                            f"gradients were non-finite for {bad_steps} steps in a row (epoch {epoch + 1}, batch "
-                            f"{i + 1}); lower lr0 (now {cfg.lr0}) or check the labels"
-                        )
-                last_step = it
-            sums += items.detach().float().cpu()
+            with gpu.step():  # no latency measurement of another process runs on this GPU during a step
+                it = i + batches * epoch
+                x = images.to(device, non_blocking=True).float() / 255  # (B, 3, S, S)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if it < warmup_iters:  # warm-up: LR ramps from 0 (bias: from warmup_bias_lr), momentum ramps up
+                    frac = it / warmup_iters
+                    for group in optimizer.param_groups:
+                        start_lr = cfg.warmup_bias_lr if group.get("is_bias") else 0.0
+                        group["lr"] = start_lr + frac * (group["initial_lr"] * lf(epoch) - start_lr)
+                        if cfg.optimizer == "SGD":
+                            group["momentum"] = cfg.warmup_momentum + frac * (cfg.momentum - cfg.warmup_momentum)
+                with torch.autocast(device.type, enabled=use_amp):
+                    preds = model(x)
+                    loss, items = loss_fn(preds, targets.to(device))
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1} (box/obj/cls "
+                        f"{[round(v, 4) for v in items.tolist()]}); lower lr0 (now {cfg.lr0}) or check the labels"
+                    )
+                scaler.scale(loss).backward()
+                if it - last_step >= accumulate:
+                    scaler.unscale_(optimizer)
+                    norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+                    finite = bool(torch.isfinite(norm))
+                    if finite or use_amp:  # with AMP the scaler skips a non-finite step itself and lowers its scale
+                        scaler.step(optimizer)
+                        scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    if finite:
+                        ema.update(model)
+                        bad_steps = 0
+                    else:  # one inf gradient would turn every weight into NaN: skip the step instead
+                        bad_steps += 1
+                        skipped += 1
+                        if bad_steps >= MAX_BAD_STEPS:
+                            raise TrainingDiverged(
+                                f"gradients were non-finite for {bad_steps} steps in a row (epoch {epoch + 1}, batch "
+                                f"{i + 1}); lower lr0 (now {cfg.lr0}) or check the labels"
+                            )
+                    last_step = it
+                sums += items.detach().float().cpu()  # (a device-to-host copy: the step's GPU work is done)
         scheduler.step()
         losses = dict(zip(("box", "obj", "cls"), (sums / max(batches, 1)).tolist()))
         record = {"epoch": epoch + 1, **losses, "lr": optimizer.param_groups[1]["lr"], "skipped_steps": skipped,
                   "train_seconds": time.perf_counter() - epoch_start, "map50_95": None, "map50": None}
         final = epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.val_every == 0 or final:
-            metrics = evaluate(ema.ema, val_set, cfg.imgsz, device=device, half=use_amp, workers=workers)
+            with gpu.step():
+                metrics = evaluate(ema.ema, val_set, cfg.imgsz, device=device, half=use_amp, workers=workers)
             record |= {"map50_95": metrics.map50_95, "map50": metrics.map50, "val_seconds": metrics.seconds}
         history.append(record)
         if not cfg.quiet:

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from pruning.channel import (
+    MIN_FRACTION,
     TRACE_SIZE,
     Batch,
     LossFn,
-    MIN_FRACTION,
     PruneError,
     PruneResult,
     _accumulate_gradients,
@@ -142,7 +142,6 @@ def prune_to_latency(model: nn.Module, target_ratio: float, time_ratio: Callable
                              keep=keep, seed=seed)
     seconds = {"importance": time.perf_counter() - start}
     say(f"{importance} importance of {len(table)} channel groups computed once ({seconds['importance']:.1f} s)")
-    gflops_before = count_gflops(model, imgsz)
     cache: dict[float, tuple[PruneResult, float]] = {}
     evaluations: list[tuple[float, float, float]] = []
 

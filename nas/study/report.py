@@ -39,7 +39,7 @@ from nas.study.attrs import (
     pruned_reason,
     stop_rule,
 )
-from nas.study.settings import StudySettings, trial_folder
+from nas.study.settings import StudySettings, stored_backend, trial_folder
 from nas.study.storage import journal_path, load_study, stored_settings
 from space.searchspace import STAGE_NAMES
 
@@ -115,15 +115,16 @@ def export_files(study: optuna.Study, settings: StudySettings, out_dir: str | Pa
 
 
 def latency_setup(settings: StudySettings) -> str:
-    """How the study times latency, in words: "640x640 px, batch 1, fp16, channels_last, 10 warm-up + 100 timed
-    passes in 5 rounds" (CPU threads are in the device's label)."""
+    """How the study times latency, in words: "640x640 px, batch 1, cudagraph backend, fp16, channels_last, 10
+    warm-up + 100 timed passes in 5 rounds" (CPU threads are in the device's label)."""
     lat = settings.latency or {}
     size = settings.latency_imgsz
-    parts = [f"{size}x{size} px" if size else "the space's input size", f"batch {settings.latency_batch or 1}"]
+    parts = [f"{size}x{size} px" if size else "the space's input size", f"batch {settings.latency_batch or 1}",
+             f"{stored_backend(lat)} backend"]
     if lat.get("device_type") == "cuda":
         parts.append("fp16" if lat.get("half") else "fp32")
-        parts += [name for name, key in (("channels_last", "channels_last"), ("cudnn.benchmark", "cudnn_benchmark"),
-                                         ("CUDA graph", "cuda_graph")) if lat.get(key)]
+        parts += [name for name, key in (("channels_last", "channels_last"), ("cudnn.benchmark", "cudnn_benchmark"))
+                  if lat.get(key)]
     if "iters" in lat:
         rounds, iters = lat.get("rounds"), lat["iters"]
         parts.append(f"{lat.get('warmup')} warm-up + {iters} timed pass{'' if iters == 1 else 'es'} in {rounds} "

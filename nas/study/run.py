@@ -8,6 +8,7 @@ import os
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import optuna
 import torch
@@ -40,12 +41,15 @@ MAX_REASON = 300  # characters of a failed trial's stored reason (cut at a word,
 
 
 def prepare_study(settings: StudySettings, *, force: bool = False, enqueue: Sequence[str] = (),
-                  latency_threads: int | None = None) -> tuple[StudySettings, optuna.Study]:
+                  latency_threads: int | None = None,
+                  measure: Callable | None = None) -> tuple[StudySettings, optuna.Study]:
     """Resolve `settings` against the stored ones and create or load the study (no trial is run).
 
     A new study without `data` is the demo (`DEMO` settings, its synthetic set). A new study's proxy and latency
     settings are stored resolved; `latency_threads`: the CPU threads its trials will be timed with (None: torch's
-    current count). Raises StudyError (or the loader's error) for bad or changed settings before writing anything.
+    current count). `measure`: how a new study's frozen baseline is timed (None: `measure_baseline` in this
+    process; `run_search` passes `measure_baseline_in_worker` when trials run in GPU worker processes). Raises
+    StudyError (or the loader's error) for bad or changed settings before writing anything.
     """
     from nas.synth import DEMO_DATA, default_dataset
 
@@ -60,7 +64,9 @@ def prepare_study(settings: StudySettings, *, force: bool = False, enqueue: Sequ
     elif settings.latency_imgsz is None:
         settings = replace(settings, latency_imgsz=load_space(settings.space).imgsz)
     check_settings(settings)  # bad input fails here, before anything is written
-    return settings, create_or_load_study(settings, enqueue=enqueue)
+    if measure is None:
+        return settings, create_or_load_study(settings, enqueue=enqueue)
+    return settings, create_or_load_study(settings, enqueue=enqueue, measure=measure)
 
 
 def default_workers(settings: StudySettings, *, demo: bool, devices: Sequence[str] = ()) -> int:
@@ -85,8 +91,11 @@ def run_search(settings: StudySettings, *, report: Callable[[str], None] | None 
                devices: Sequence[str] = (), force: bool = False, enqueue: Sequence[str] = ()) -> optuna.Study:
     """Run (or resume) a study until `settings.trials` trials count; export the Pareto files after every trial.
 
-    `workers` > 1 (or several `devices`, CUDA indices: worker i uses devices[i % len]) runs that many worker
-    processes against the storage; this process coordinates (None: `default_workers`). Returns the study. Raises
+    `workers` > 1 (or any `devices`, CUDA indices: worker i uses devices[i % len]) runs that many worker processes
+    against the storage, each seeing only its GPU (`nas.study.workers.worker_env`); this process coordinates (None:
+    `default_workers`) and, when those workers run on GPUs, has a new study's baseline timed by a process set up as
+    worker 0 (`measure_baseline_in_worker`), so the coordinator itself never touches a GPU. One in-process worker on
+    `cuda:N` makes N this process's current device (pinned-memory threads follow it). Returns the study. Raises
     StudyError for bad or changed settings, SearchStopped after `max_failures` failed trials in this run or when
     the sampler keeps proposing Archs that are over budget or already trained. Ctrl-C fails the running trial(s)
     ("interrupted") and re-raises.
@@ -99,8 +108,16 @@ def run_search(settings: StudySettings, *, report: Callable[[str], None] | None 
                                                                                        devices=devices)
     settings = replace(settings, workers=workers)  # the next resume's default (--devices are each host's own)
     n = max(workers, len(devices))
-    settings, study = prepare_study(settings, force=force, enqueue=enqueue,
-                                    latency_threads=worker_threads(settings, n, devices))
+    threads = worker_threads(settings, n, devices)
+    in_process = n <= 1 and not devices
+    measure = None
+    gpu_workers = bool(devices) or (not in_process and resolve_device(settings.device).type == "cuda")
+    if stored is None and gpu_workers:  # a new study whose trials are timed in GPU worker processes
+        from nas.study.workers import measure_baseline_in_worker, worker_gpu
+
+        measure = partial(measure_baseline_in_worker, gpu=worker_gpu(settings, devices, 0), threads=threads)
+    settings, study = prepare_study(settings, force=force, enqueue=enqueue, latency_threads=threads,
+                                    measure=measure)
     stale = recover_stale_trials(study, settings.stale_after)
     requeued = {t.user_attrs.get(REQUEUED_FROM_KEY) for t in study.get_trials(deepcopy=False, states=(
         TrialState.WAITING,))} if stale else set()
@@ -114,9 +131,10 @@ def run_search(settings: StudySettings, *, report: Callable[[str], None] | None 
     counted = sum(counts(t) for t in study.get_trials(deepcopy=False))
     if counted >= settings.trials:  # nothing to run: say how to ask for more
         report(finished_line(settings, counted))
-    elif n <= 1:
-        if devices:
-            settings = replace(settings, device=f"cuda:{devices[0]}")  # for this run only, not stored
+    elif in_process:
+        device = resolve_device(settings.device)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # the current device: pinned-memory threads and caches land there, not on 0
         study.sampler = make_sampler(settings, len(study.get_trials(deepcopy=False)))  # each run: its own draws
         work(context(settings, study, first), report)
     else:

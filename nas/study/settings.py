@@ -1,11 +1,13 @@
 """What a study is: `StudySettings`, its defaults, what is frozen on resume, how stored and given settings merge,
 the demo's settings, and the checks that run before anything is written.
 
-A new study stores its settings fully resolved (format 2): `proxy` holds every ProxyConfig field and `latency`
-every LatencyConfig field plus the device kind and the CPU threads its latency is timed with, so a later change of
-a default in the code never changes how a resumed study trains or times, and every host of one study agrees.
-Studies stored before (format 1: only the proxy/latency fields given, `imgsz`/`batch` for the latency input) are
-read through `upgrade_stored`, which resolves them with the defaults of the version that made them (repnas 0.1.0).
+A new study stores its settings fully resolved (format 3): `proxy` holds every ProxyConfig field and `latency`
+every LatencyConfig field (its `backend` included) plus the device kind and the CPU threads its latency is timed
+with, so a later change of a default in the code never changes how a resumed study trains or times, and every host
+of one study agrees. Studies stored before are read through `upgrade_stored`: format 1 (only the proxy/latency fields
+given, `imgsz`/`batch` for the latency input) is resolved with the defaults of the version that made them (repnas
+0.1.0); formats 1 and 2 name no latency backend: theirs is `torch` (eager), or `cudagraph` where they set the
+`cuda_graph` flag that the backend replaced.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from nas.data import check_dataset, load_data_config
 from nas.device import resolve_device
 from nas.earlystop import EarlyStopConfig
-from nas.latency import LatencyConfig
+from nas.latency import LatencyBackendError, LatencyConfig, latency_backend
 from nas.train import ProxyConfig
 from space.errors import RepnasError, SpaceConfigError
 from space.searchspace import Arch, Space, builtin_spaces, is_seed_source, load_space, seed_arch
@@ -44,7 +46,8 @@ class InvalidStudyName(StudyError):
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SAMPLERS = ("tpe", "nsga2", "random")
 HEARTBEAT_S = 30.0  # a running trial's lease is renewed this often (nas.study.leases)
-SETTINGS_FORMAT = 2  # 1: deltas from the defaults, latency input as imgsz/batch; 2: resolved proxy and latency
+SETTINGS_FORMAT = 3  # 1: deltas from the defaults, latency input as imgsz/batch; 2: resolved proxy and latency;
+# 3: the latency settings name their backend (LatencyConfig.backend; the `cuda_graph` flag is gone)
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,8 @@ class StudySettings:
     """What a study is. A field left None means "not given": the stored value on resume, else the default.
 
     `proxy`: ProxyConfig fields (given: those to change; stored: all of them, resolved at creation); `latency`:
-    LatencyConfig fields (stored resolved, with `device_type` and `threads`); `early_stop`: EarlyStopConfig fields.
+    LatencyConfig fields (stored resolved, with `backend`, `device_type` and `threads`; a new study's backend is
+    `LatencyConfig.for_device`'s: `cudagraph` on CUDA, `torch` on a CPU); `early_stop`: EarlyStopConfig fields.
     `latency_imgsz`/`latency_batch`: the latency and GFLOPs input (None: the space's imgsz, batch 1; the proxy's
     training input is `proxy["imgsz"]`/`proxy["batch"]`). `baseline`: a YAML with the baseline's Arch params, or a
     model YAML an Arch of the space writes (None: `seed_arch(space)`). `max_latency_ms`/`max_latency_ratio` reject
@@ -198,8 +202,9 @@ def resolved_proxy(changes: dict | None, base: dict | None = None) -> dict:
 
 
 def resolved_latency(changes: dict | None, device: torch.device, threads: int | None = None) -> dict:
-    """Every LatencyConfig field for `device` with `changes` applied, plus `device_type`; on a CPU `threads` (None:
-    torch's current count) is fixed here, so every process of the study times with the same number."""
+    """Every LatencyConfig field for `device` (`LatencyConfig.for_device`: the backend `cudagraph` on CUDA, `torch` on
+    a CPU) with `changes` applied, plus `device_type`; on a CPU `threads` (None: torch's current count) is fixed here,
+    so every process of the study times with the same number."""
     merged = asdict(LatencyConfig.for_device(device)) | {k: v for k, v in (changes or {}).items() if k != "device_type"}
     if device.type == "cpu" and merged.get("threads") is None:
         merged["threads"] = threads or torch.get_num_threads()
@@ -212,20 +217,35 @@ def resolved_latency(changes: dict | None, device: torch.device, threads: int | 
 
 def upgrade_stored(stored: dict) -> dict:
     """Stored settings in today's format: format 1 keys renamed and its proxy/latency deltas resolved with the
-    defaults of the version that wrote them (threads stay unset there: those studies timed with each process's own).
-    Format 2 is returned as it is."""
+    defaults of the version that wrote them (threads stay unset there: those studies timed with each process's own);
+    formats 1 and 2 get the latency backend they timed with (`stored_backend`). Format 3 is returned as it is."""
     if stored.get("format", 1) >= SETTINGS_FORMAT:
         return dict(stored)
-    out = {_V1_RENAMES.get(k, k): v for k, v in stored.items()}
-    out["proxy"] = resolved_proxy(out.get("proxy"), base=_V1_PROXY)
-    device = out.get("device") or "auto"
-    kind = "cpu" if device == "cpu" else ("cuda" if str(device).startswith("cuda") or str(device).isdigit() else None)
-    if kind is None:  # "auto": the kind this host resolves it to, as the version that wrote it did in every process
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    base = _V1_LATENCY | (_V1_LATENCY_CPU if kind == "cpu" else {})
-    out["latency"] = _plain(base | (out.get("latency") or {}) | {"device_type": kind})
+    out = dict(stored)
+    if stored.get("format", 1) < 2:
+        out = {_V1_RENAMES.get(k, k): v for k, v in stored.items()}
+        out["proxy"] = resolved_proxy(out.get("proxy"), base=_V1_PROXY)
+        device = out.get("device") or "auto"
+        kind = "cpu" if device == "cpu" else ("cuda" if str(device).startswith("cuda") or str(device).isdigit()
+                                               else None)
+        if kind is None:  # "auto": the kind this host resolves it to, as the version that wrote it did in every process
+            kind = "cuda" if torch.cuda.is_available() else "cpu"
+        base = _V1_LATENCY | (_V1_LATENCY_CPU if kind == "cpu" else {})
+        out["latency"] = base | (out.get("latency") or {}) | {"device_type": kind}
+    out["latency"] = _plain(with_backend(out.get("latency") or {}))
     out["format"] = SETTINGS_FORMAT
     return out
+
+
+def stored_backend(latency: dict) -> str:
+    """The latency backend of stored latency settings: their `backend`; before backends existed (formats 1 and 2)
+    `cudagraph` where they set the `cuda_graph` flag (graphs were captured), else `torch` (eager)."""
+    return latency.get("backend") or ("cudagraph" if latency.get("cuda_graph") else "torch")
+
+
+def with_backend(latency: dict) -> dict:
+    """Latency settings with their backend named (`stored_backend`) and the retired `cuda_graph` flag dropped."""
+    return {k: v for k, v in latency.items() if k != "cuda_graph"} | {"backend": stored_backend(latency)}
 
 
 def _normalise(key: str, value: Any) -> Any:
@@ -292,8 +312,12 @@ def proxy_config(settings: StudySettings) -> ProxyConfig:
 
 
 def latency_config(settings: StudySettings, device: torch.device) -> LatencyConfig:
-    """How the study's latency is timed on `device`: `settings.latency` over `LatencyConfig.for_device(device)`."""
-    latency = {k: v for k, v in (settings.latency or {}).items() if k != "device_type"}
+    """How the study's latency is timed on `device`: `settings.latency` over `LatencyConfig.for_device(device)`;
+    stored settings (they name their `device_type`) that name no backend time with `stored_backend`'s (`torch` for a
+    study made before backends)."""
+    latency = settings.latency or {}
+    latency = {k: v for k, v in (with_backend(latency) if "device_type" in latency else latency).items()
+               if k != "device_type"}
     try:
         return LatencyConfig.for_device(device, **latency)
     except (TypeError, ValueError) as err:
@@ -357,7 +381,11 @@ def check_settings(settings: StudySettings) -> None:
     load_baseline(settings.baseline, space)
     device = resolve_device(settings.device)
     proxy_config(settings)
-    latency_config(settings, device)
+    backend = latency_config(settings, device).backend
+    try:
+        latency_backend(backend).check(device)
+    except LatencyBackendError as err:
+        raise StudyError(f"study {settings.name!r}: {err}") from None
     try:
         EarlyStopConfig(**(settings.early_stop or {}))
     except (TypeError, ValueError) as err:

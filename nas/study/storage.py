@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import optuna
@@ -250,10 +250,10 @@ def name_objectives(study: optuna.Study) -> None:
 
 def measure_baseline(fused: torch.nn.Module, settings: StudySettings) -> tuple[Latency, list[Latency], str | None]:
     """The baseline latency a new study freezes, timed exactly as its trials are (`time_latency`: the same device,
-    LatencyConfig, size and batch, interleaved, here against a copy of itself), so trial 0's measured median matches
-    it. A noisy measurement (p90/median > NOISY_SPREAD: a busy machine) is repeated up to BASELINE_REMEASURES
-    times. Returns the measurement to freeze (the first quiet one; else the lowest median, the least disturbed), every
-    measurement, and a warning for the study when none was quiet (the study proceeds)."""
+    backend, LatencyConfig and threads, size and batch, interleaved, here against a copy of itself), so trial 0's
+    measured median matches it. A noisy measurement (p90/median > NOISY_SPREAD: a busy machine) is repeated up to
+    BASELINE_REMEASURES times. Returns the measurement to freeze (the first quiet one; else the lowest median, the
+    least disturbed), every measurement, and a warning for the study when none was quiet (the study proceeds)."""
     tries = [time_latency(fused, settings, fused)]
     while tries[-1].noisy and len(tries) <= BASELINE_REMEASURES:
         LOG.info("baseline latency: p90/median %.2f > %g, measuring again (%d of %d)", tries[-1].spread,
@@ -271,14 +271,19 @@ def measure_baseline(fused: torch.nn.Module, settings: StudySettings) -> tuple[L
     return frozen, tries, warning
 
 
-def create_or_load_study(settings: StudySettings, *, enqueue: Sequence[str] = ()) -> optuna.Study:
+def create_or_load_study(settings: StudySettings, *, enqueue: Sequence[str] = (),
+                         measure: Callable[[torch.nn.Module, StudySettings], tuple[Latency, list[Latency], str | None]]
+                         | None = None) -> optuna.Study:
     """Create the study (frozen baseline latency measured, baseline enqueued as trial 0) or load it.
 
     `settings` must be merged and resolved (`nas.study.run.prepare_study` does that). The objectives get their names
     (`name_objectives`; an older study's on its first resume). A loaded study whose stored settings differ from
     `settings` (a forced change, or an older format) gets them replaced, the old ones kept in its settings history.
-    `enqueue`: YAMLs of known candidates to enqueue (after the baseline). Raises StudyError when another process
-    created the study meanwhile with other settings.
+    `enqueue`: YAMLs of known candidates to enqueue (after the baseline). `measure`: how the frozen baseline is timed
+    (None: `measure_baseline` in this process; `nas.study.run.run_search` passes
+    `nas.study.workers.measure_baseline_in_worker` when the trials run in GPU worker processes, so the baseline is
+    timed on worker 0's GPU, backend and threads, and the coordinator never touches a GPU). Raises StudyError when
+    another process created the study meanwhile with other settings.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage_for(settings, repair=True), study_name=settings.name,
@@ -296,7 +301,7 @@ def create_or_load_study(settings: StudySettings, *, enqueue: Sequence[str] = ()
         data_cfg = load_data_config(settings.data)
         baseline = load_baseline(settings.baseline, space)
         fused = fuse_model(build_model(baseline.to_yaml(data_cfg.nc)))
-        lat, tries, warning = measure_baseline(fused, settings)  # frozen for the study's life
+        lat, tries, warning = (measure or measure_baseline)(fused, settings)  # frozen for the study's life
         if SETTINGS_KEY in study.user_attrs:  # another host created it while this one measured (read afresh)
             if study.user_attrs[SETTINGS_KEY] != settings_json(settings):
                 raise StudyError(f"study {settings.name!r} was created by another process while this one measured "

@@ -241,9 +241,11 @@ def phase_budget(rec: TrialRecorder, c: Candidate, space: Space) -> None:
 
 
 def time_latency(network: torch.nn.Module, settings: StudySettings, baseline_fused: torch.nn.Module) -> Latency:
-    """How a study times a network, in one place: on the study's device with its LatencyConfig (threads, warmup,
-    iterations, rounds, fp16, channels_last...), input size and batch, interleaved round by round with the fused
-    baseline, one process of this host at a time. The frozen baseline is timed by this too, against itself."""
+    """How a study times a network, in one place: on the study's device with its LatencyConfig (backend, threads,
+    warmup, iterations, rounds, fp16, channels_last...), input size and batch, interleaved round by round with the
+    fused baseline, one process of this host at a time (and, on a GPU, no training step of another process at the
+    same time: `nas.device.gpu_lock`). The frozen baseline is timed by this too, against itself. A CUDA graph that
+    cannot be captured raises `nas.latency.CaptureFailed`: the trial fails with that reason, never timed eagerly."""
     device = resolve_device(settings.device)
     with FileLock(host_lock_path("latency")):  # workers sharing a machine time one at a time
         return measure_latency(network, settings.latency_imgsz, settings.latency_batch, device,
@@ -266,7 +268,7 @@ def phase_latency(rec: TrialRecorder, c: Candidate, settings: StudySettings, bas
     rec.set(LATENCY_P90_MS_KEY, c.lat.p90_ms)
     rec.set(LATENCY_RATIO_KEY, c.lat.latency_ratio)
     rec.set(DEVICE_KEY, c.lat.device)
-    rec.note(f"latency {c.lat.median_ms:.3f} ms median on {device_label(c.lat.device)}, ratio "
+    rec.note(f"latency {c.lat.median_ms:.3f} ms median on {device_label(c.lat.device)} ({c.lat.backend}), ratio "
              f"{c.lat.latency_ratio:.4f} to the baseline -> objective {c.latency_ms:.3f} ms")
 
 

@@ -1,6 +1,12 @@
 """Worker processes: `run_workers` starts N `python -m nas.study --worker SPEC` processes on one storage, relays
 their lines and stops them with the coordinator; `worker_main` is a worker's entry point. A worker dies with its
-coordinator (Linux parent-death signal, and the heartbeat thread's check of the parent)."""
+coordinator (Linux parent-death signal, and the heartbeat thread's check of the parent).
+
+A worker on a GPU sees only that GPU: its environment sets CUDA_VISIBLE_DEVICES, so its GPU is its cuda:0 and
+nothing it does (CUDA contexts, pinned-memory threads, events, caches) can land on another; a worker of a CPU study
+sees no GPU at all. `measure_baseline_in_worker` times a new study's frozen baseline in a process set up exactly as
+worker 0 (its GPU, its threads), so the baseline is timed where, and as, the trials are.
+"""
 
 from __future__ import annotations
 
@@ -17,13 +23,46 @@ from dataclasses import fields, replace
 
 import torch
 
+from nas.device import resolve_device
+from nas.latency import Latency
 from nas.study.attrs import counts
 from nas.study.leases import EXIT_ORPHANED, pid_alive
 from nas.study.run import context, work, worker_threads
 from nas.study.settings import SearchStopped, StudyError, StudySettings
 from nas.study.storage import load_study, make_sampler
+from space.errors import RepnasError
 
 EXIT_STOPPED = 3  # a worker's exit code when it gave up (SearchStopped)
+BASELINE_LINE = "baseline latency: "  # the line a baseline-timing worker prints its measurements on (JSON)
+
+
+def cuda_visible(index: str) -> str:
+    """The CUDA_VISIBLE_DEVICES entry for this process's CUDA device `index` (a --devices value): the index itself,
+    or, when this process's own CUDA_VISIBLE_DEVICES narrows the GPUs, its entry at that position (an index, UUID or
+    MIG id). Raises StudyError for an index beyond the GPUs this process sees."""
+    own = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if own is None:
+        return str(int(index))
+    entries = [e.strip() for e in own.split(",") if e.strip()]
+    if int(index) >= len(entries):
+        raise StudyError(f"--devices {index}: this process sees {len(entries)} GPU(s) (CUDA_VISIBLE_DEVICES={own!r}); "
+                         f"use an index below {len(entries)}")
+    return entries[int(index)]
+
+
+def worker_gpu(settings: StudySettings, devices: Sequence[str], index: int) -> str | None:
+    """Worker `index`'s GPU as this process numbers it: devices[index mod len] with --devices, else the study
+    device's index when it is CUDA (0 for "cuda" and "auto"), None on a CPU."""
+    if devices:
+        return devices[index % len(devices)]
+    device = resolve_device(settings.device)
+    return str(device.index or 0) if device.type == "cuda" else None
+
+
+def worker_env(gpu: str | None) -> dict[str, str]:
+    """A worker's environment: this one's, with CUDA_VISIBLE_DEVICES naming only its GPU (`cuda_visible`), or no GPU
+    at all for a CPU worker (so not even a pinned-memory buffer makes a CUDA context on GPU 0)."""
+    return dict(os.environ) | {"CUDA_VISIBLE_DEVICES": "" if gpu is None else cuda_visible(gpu)}
 
 
 def _worker_command(settings: StudySettings, index: int, device: str | None, first: int,
@@ -45,11 +84,12 @@ def run_workers(settings: StudySettings, n: int, devices: Sequence[str], first: 
     first follow-up trial number of this run). Raises StudyError when a worker failed while the study still lacks
     trials (or runs), SearchStopped when one gave up."""
     threads = worker_threads(settings, n, devices)
+    gpus = [worker_gpu(settings, devices, i) for i in range(n)]
     # own sessions: a terminal's Ctrl-C reaches this process only, which forwards one SIGINT to each worker
-    procs = [subprocess.Popen(_worker_command(settings, i, f"cuda:{devices[i % len(devices)]}" if devices else None,
-                                              first, threads, job), stdout=subprocess.PIPE, text=True, bufsize=1,
+    procs = [subprocess.Popen(_worker_command(settings, i, None if gpu is None else "cuda:0", first, threads, job),
+                              env=worker_env(gpu), stdout=subprocess.PIPE, text=True, bufsize=1,
                               start_new_session=True)
-             for i in range(n)]
+             for i, gpu in enumerate(gpus)]
 
     def relay(i: int, proc: subprocess.Popen) -> None:
         for line in proc.stdout:
@@ -113,6 +153,8 @@ def worker_main(spec_json: str) -> int:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if (spec.get("job") or {}).get("baseline"):
+        return _baseline_worker(spec, settings)
     study = load_study(settings.name, storage=settings.storage, results=settings.results)  # made by the coordinator
     if spec.get("job"):
         return _confirm_worker(spec, settings, study)
@@ -140,4 +182,49 @@ def _confirm_worker(spec: dict, settings: StudySettings, study) -> int:
         confirm_work(study, settings, plan, lambda line: print(line, flush=True), spec["first"], spec["parent"])
     except KeyboardInterrupt:
         return 130
+    return 0
+
+
+def measure_baseline_in_worker(fused: torch.nn.Module, settings: StudySettings, *, gpu: str | None,
+                               threads: int | None) -> tuple[Latency, list[Latency], str | None]:
+    """`nas.study.storage.measure_baseline`, run in a process set up as worker 0 is (`worker_env(gpu)`: its GPU as
+    its cuda:0; `threads` torch threads) rather than in the coordinator, whose current device is GPU 0 whatever
+    --devices says. Same signature and returns as `measure_baseline`; `fused` is not sent: the worker builds the
+    baseline from `settings` as the coordinator did (latency needs no weights). Its stderr passes through. Raises
+    StudyError when the worker fails, with its last line."""
+    spec_settings = replace(settings, quiet=True)
+    command = _worker_command(spec_settings, 0, None if gpu is None else "cuda:0", 0, threads, {"baseline": True})
+    proc = subprocess.run(command, env=worker_env(gpu), stdout=subprocess.PIPE, text=True, check=False)
+    found = [line[len(BASELINE_LINE):] for line in proc.stdout.splitlines() if line.startswith(BASELINE_LINE)]
+    if proc.returncode != 0 or not found:
+        last = (proc.stdout.strip().splitlines() or ["(no output; see its error above)"])[-1]
+        raise StudyError(f"study {settings.name!r}: timing the baseline in a worker process on "
+                         f"{'GPU ' + gpu if gpu is not None else 'the CPU'} failed (exit code {proc.returncode}): "
+                         f"{last}")
+    data = json.loads(found[-1])
+    return Latency.from_dict(data["frozen"]), [Latency.from_dict(t) for t in data["tries"]], data["warning"]
+
+
+def _baseline_worker(spec: dict, settings: StudySettings) -> int:
+    """A worker that times a new study's baseline (`measure_baseline_in_worker`) and prints the result."""
+    from nas.data import load_data_config
+    from nas.study.settings import load_baseline
+    from nas.study.storage import measure_baseline
+    from pruning.reparam import fuse_model
+    from space.builder import build_model
+    from space.searchspace import load_space
+
+    if spec["device"]:
+        settings = replace(settings, device=spec["device"])
+    try:
+        baseline = load_baseline(settings.baseline, load_space(settings.space))
+        fused = fuse_model(build_model(baseline.to_yaml(load_data_config(settings.data).nc)))
+        frozen, tries, warning = measure_baseline(fused, settings)
+    except RepnasError as err:  # e.g. a CUDA graph that cannot be captured: one line for the coordinator
+        print(f"{type(err).__name__}: {' '.join(str(err).split())}", flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(BASELINE_LINE + json.dumps({"frozen": frozen.to_dict(), "tries": [t.to_dict() for t in tries],
+                                      "warning": warning}), flush=True)
     return 0

@@ -93,3 +93,17 @@ def test_cli_latency_warns_when_its_own_p90_over_median_shows_a_busy_machine(tmp
     monkeypatch.setattr(nas.latency, "measure_latency", lambda *a, **k: _latency(100.0, 110.0))
     assert main(["latency", str(path), "--imgsz", "64", "--device", "cpu", "--iters", "3"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_cli_latency_takes_the_backend_by_the_one_name_search_uses(tmp_path, capsys):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(json.dumps(tiny_yaml()))
+    assert main(["latency", str(path), "--imgsz", "64", "--device", "cpu", "--iters", "2", "--threads", "1",
+                 "--latency-backend", "onnxruntime"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("; backend onnxruntime")
+    assert main(["latency", str(path), "--imgsz", "64", "--device", "cpu", "--latency-backend", "cudagraph"]) == 2
+    assert main(["latency", str(path), "--imgsz", "64", "--device", "cpu", "--cuda-graph"]) == 2  # the old flag
+    refused = ("repnas latency: error: latency backend 'cudagraph' times on cuda, not on cpu; use --latency-backend "
+               "torch, onnxruntime or another --device")
+    assert capsys.readouterr().err.splitlines() == [
+        refused, "--cuda-graph is deprecated for `repnas latency`; use --latency-backend cudagraph", refused]

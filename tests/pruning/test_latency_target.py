@@ -63,8 +63,8 @@ def test_importance_is_computed_once_for_every_candidate(seed_fused, monkeypatch
     monkeypatch.setattr(lt, "make_importance", counting)
     found = prune_to_latency(seed_fused, 0.6, affine_latency(seed_fused), IMGSZ)
     assert len(found.evaluations) >= 2
-    scored = len(calls)
-    assert scored == len(importance_table(seed_fused, "l2", IMGSZ))  # one pass over the groups, whatever the number of timed candidates
+    scored = len(calls)  # one pass over the groups, whatever the number of timed candidates
+    assert scored == len(importance_table(seed_fused, "l2", IMGSZ))
 
 
 def test_table_importance_prunes_the_channels_the_table_ranks_lowest(seed_fused):

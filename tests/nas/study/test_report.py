@@ -30,8 +30,8 @@ def test_cli_search_then_export_and_bad_names(settings, assets, tmp_path, capsys
     assert any(line.startswith("  proxy: 1 epoch at 64 px, batch 8, AdamW lr0 0.002, validated every ")
                for line in screen)
     threads = trial["device"]["threads"]
-    assert (f"  latency: 64x64 px, batch 1, 3 warm-up + 30 timed passes in 5 rounds, interleaved with the baseline; "
-            f"on CPU, {threads} thread{'' if threads == 1 else 's'} in every process") in screen
+    assert (f"  latency: 64x64 px, batch 1, torch backend, 3 warm-up + 30 timed passes in 5 rounds, interleaved with "
+            f"the baseline; on CPU, {threads} thread{'' if threads == 1 else 's'} in every process") in screen
     assert any(line.startswith("  baseline latency (frozen at creation): ") and " ms median, p90 " in line
                for line in screen)
     header = screen.index("  trial mAP50-95   mAP50 measured ms objective ms  ratio   GFLOPs  arch")
@@ -50,8 +50,8 @@ def test_cli_search_then_export_and_bad_names(settings, assets, tmp_path, capsys
 def test_show_labels_every_setting(settings):
     lines = _settings_lines(resolve_settings(replace(settings, baseline=None, latency_batch=2), latency_threads=1))
     assert "  baseline: the space's seed design" in lines
-    assert ("  latency: 64x64 px, batch 2, 0 warm-up + 2 timed passes in 1 round, interleaved with the baseline; "
-            "on CPU, 1 thread in every process") in lines
+    assert ("  latency: 64x64 px, batch 2, torch backend, 0 warm-up + 2 timed passes in 1 round, interleaved with the "
+            "baseline; on CPU, 1 thread in every process") in lines
     assert proxy_summary({"epochs": 1, "imgsz": 64, "batch": 8, "fraction": 0.5, "loss": {"obj": 2.0}}) == (
         "1 epoch at 64 px, batch 8, AdamW lr0 0.002, validated every 5 epochs, seed 0; differs from the defaults in: "
         "fraction=0.5 loss.obj=2.0")
