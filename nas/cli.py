@@ -519,18 +519,50 @@ class Confirm(Command, name="confirm", help="retrain chosen trials longer and me
         return 0
 
 
+class Relatency(Command, name="relatency", help="re-time a finished study's trials on this machine (no retraining)"):
+    """Re-time every complete trial of a study on this machine (its deploy network rebuilt from the trial folder: no
+    weights needed, so trials whose weights `repnas clean` removed are timed too), interleaved with the baseline, and
+    store the figures as a named latency profile; `repnas show/export NAME --profile PROFILE` rank on it. Resumable:
+    run it again to time what a killed run left."""
+
+    def add_arguments(self, p):
+        p.add_argument("name", metavar="NAME", help="study name")
+        arg.add_study_location(p)
+        p.add_argument("--profile", help="profile name (default: made of the device, threads, backend, size, batch)")
+        p.add_argument("--device", default="auto", help=arg.DEVICE_HELP)
+        arg.add_latency_backend(p, what="; stored with the profile")
+        p.add_argument("--latency-imgsz", type=arg.imgsz, help="latency input size (default: the study's)")
+        p.add_argument("--latency-batch", type=arg.positive_int, help="latency input batch (default: the study's)")
+        p.add_argument("--threads", type=arg.positive_int, help="CPU threads while timing (default: torch's)")
+        p.add_argument("--quiet", action="store_true", help="print the summary only")
+
+    def take_action(self, args):
+        from nas.study import check_study_name, load_study, stored_settings
+        from nas.study.relatency import make_profile, run_relatency, summary_lines
+
+        check_study_name(args.name)
+        study = load_study(args.name, storage=args.storage, results=args.results)
+        settings = stored_settings(study, args.name, args.storage, args.results)
+        profile = make_profile(settings, name=args.profile, device=args.device, backend=args.latency_backend,
+                               imgsz=args.latency_imgsz, batch=args.latency_batch, threads=args.threads)
+        say = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
+        print("\n".join(summary_lines(run_relatency(study, settings, profile, report=say))))
+        return 0
+
+
 class Show(Command, name="show", help="one screen about a study"):
     """One screen about a study: settings, trials by state and failure reason, the front, time left."""
 
     def add_arguments(self, p):
         p.add_argument("name", metavar="NAME", help="study name")
         arg.add_study_location(p)
+        p.add_argument("--profile", help="rank on this latency profile (`repnas relatency`)")
 
     def take_action(self, args):
         from nas.study import check_study_name, show_study
 
         check_study_name(args.name)
-        print(show_study(args.name, storage=args.storage, results=args.results))
+        print(show_study(args.name, storage=args.storage, results=args.results, profile=args.profile))
         return 0
 
 
@@ -543,13 +575,15 @@ class Export(Command, name="export", help="write a study's Pareto files"):
         p.add_argument("name", metavar="NAME", help="study name")
         arg.add_study_location(p)
         p.add_argument("--format", default=",".join(FORMATS), help="comma-separated: %(default)s (png always)")
-        p.add_argument("--out", help="output folder (default: results/NAME)")
+        p.add_argument("--out", help="output folder (default: results/NAME, with --profile results/NAME/profiles/P)")
+        p.add_argument("--profile", help="rank on this latency profile (`repnas relatency`)")
 
     def take_action(self, args):
         from nas.study import check_study_name, export_study
 
         check_study_name(args.name)
-        paths = export_study(args.name, args.out, args.format, storage=args.storage, results=args.results)
+        paths = export_study(args.name, args.out, args.format, storage=args.storage, results=args.results,
+                             profile=args.profile)
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         return 0
 
@@ -583,7 +617,7 @@ class Dashboard(Command, name="dashboard", help="serve a study in optuna-dashboa
 
 
 COMMANDS: tuple[type[Command], ...] = (Build, SpaceGroup, Train, Val, Latency, DataGroup, Search, Resume, Confirm,
-                                       Prune, ExportModel, Clean, Show, Export, Dashboard)
+                                       Relatency, Prune, ExportModel, Clean, Show, Export, Dashboard)
 
 
 def _add_commands(parser: arg.Parser, commands: Sequence[type[Command]], dest: str, metavar: str) -> None:

@@ -55,6 +55,7 @@ class TrialRecord:
     confirmed_map50_95: float | None = None  # mean over seeds at the longest `repnas confirm` budget (None: none)
     confirmed_std: float | None = None  # its standard deviation over seeds (ddof=1; None below 2 seeds)
     confirmed_runs: int = 0  # confirmation runs (seeds) behind confirmed_map50_95
+    study_pareto: bool | None = None  # ranked on a latency profile: on the study's own front (None: no profile)
 
 
 def pareto_mask(map50_95: ArrayLike, latency: ArrayLike) -> np.ndarray:
@@ -192,6 +193,9 @@ _COLUMN_GROUPS: dict[str, dict[str, tuple[str, str]]] = {
         "baseline": ("baseline", "the study's baseline design"),
         "pruned": ("pruned to", "the deploy-FLOPs fraction the ranked network was channel-pruned to (empty: not "
                                 "pruned)"),
+        "study_pareto": ("on study front", "ranked on a latency profile (`--profile`): on the front the study ranked "
+                                           "with its own latency, so rows where it differs from `pareto` changed "
+                                           "(empty without a profile)"),
     },
     "arch": {},  # the searched dimensions, one column each: see _arch_columns
     "where": {
@@ -286,6 +290,7 @@ def pareto_table(records: Iterable[TrialRecord]) -> pd.DataFrame:
         "confirmed_pareto": pd.array([bool(f) if h else None for f, h in zip(confirmed_front, has)],
                                      dtype="boolean"),
         "baseline": np.array([r.is_baseline for r in rows], dtype=bool),
+        "study_pareto": pd.array([r.study_pareto for r in rows], dtype="boolean"),
         "yaml": [r.yaml_path for r in rows],
         "state": [r.state for r in rows],
     }

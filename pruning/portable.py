@@ -146,8 +146,10 @@ def _resize(model: nn.Module, convs: dict[str, dict[str, int]], where: str) -> N
     sync_channel_attributes(model)
 
 
-def load_pruned(folder: str | Path) -> nn.Module:
-    """Rebuild the pruned model saved in `folder` (on the CPU, in eval mode); outputs equal the saved model's."""
+def pruned_network(folder: str | Path) -> nn.Module:
+    """The pruned network's structure from `folder`'s channels.json alone (CPU, eval mode, weights as freshly
+    initialised): what latency needs, which does not depend on the weights (`repnas relatency` re-times trials whose
+    weights `repnas clean` removed). Raises PrunedFileError for a missing or invalid plan."""
     from space.builder import build_model
 
     folder = Path(folder)
@@ -158,6 +160,13 @@ def load_pruned(folder: str | Path) -> nn.Module:
     except RepnasError as err:
         raise PrunedFileError(f"{where}: field 'model' does not build: {err}") from None
     _resize(model, document["convs"], where)
+    return model.eval()
+
+
+def load_pruned(folder: str | Path) -> nn.Module:
+    """Rebuild the pruned model saved in `folder` (on the CPU, in eval mode); outputs equal the saved model's."""
+    folder = Path(folder)
+    model = pruned_network(folder)
     path = folder / WEIGHTS_FILE
     if not path.is_file():
         raise PrunedFileError(f"{path}: no such file; save_pruned writes it next to {PLAN_FILE}")

@@ -48,13 +48,27 @@ WEIGHT_FILES = ("weights.pt", "fused.pt", "pruned/weights.pt")
 
 
 def trial_records(study: optuna.Study, settings: StudySettings,
-                  confirmed: dict[int, dict] | None = None) -> list[TrialRecord]:
+                  confirmed: dict[int, dict] | None = None, profile: str | None = None) -> list[TrialRecord]:
     """One TrialRecord per trial, for the Pareto files (early-stopped trials keep their partial mAP off the table),
-    with the confirmed mAP50-95 of the longest `repnas confirm` budget where there is one."""
+    with the confirmed mAP50-95 of the longest `repnas confirm` budget where there is one.
+
+    `profile`: rank on that latency profile (`repnas relatency`): each trial's latency objective, measured median,
+    ratio and device are the profile's (none for a trial the profile has not timed), and `study_pareto` says whether
+    the trial is on the front the study ranked with its own latency. Raises StudyError for an unknown profile."""
+    from nas.pareto import pareto_mask
     from nas.study.confirm import confirmed_for_records
+    from nas.study.relatency import check_profile_name, profile_results
 
     if confirmed is None:  # trial -> its row at the longest confirmed budget
         _, confirmed = confirmed_for_records(study)
+    timed, on_study_front = {}, {}
+    if profile is not None:
+        check_profile_name(study, profile)
+        timed = profile_results(study, profile)
+        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+        if done:
+            mask = pareto_mask([t.values[0] for t in done], [t.values[1] for t in done])
+            on_study_front = {t.number: bool(m) for t, m in zip(done, mask)}
     records = []
     for t in study.get_trials(deepcopy=False):
         attrs = t.user_attrs
@@ -64,14 +78,21 @@ def trial_records(study: optuna.Study, settings: StudySettings,
         model_yaml = attrs.get(FILES_KEY, {}).get("model.yaml", {}).get("path")
         if model_yaml:
             model_yaml = os.path.relpath(settings.trials_root / model_yaml, settings.folder)
+        latency = {"latency_ms": attrs.get(LATENCY_MS_KEY), "latency_ratio": attrs.get(LATENCY_RATIO_KEY),
+                   "latency_measured_ms": attrs.get(LATENCY_MEASURED_MS_KEY),
+                   "device": device_label(attrs[DEVICE_KEY]) if DEVICE_KEY in attrs else ""}
+        if profile is not None:
+            r = timed.get(t.number)
+            latency = {"latency_ms": r and r["latency_ms"], "latency_ratio": r and r["ratio"],
+                       "latency_measured_ms": r and r["median_ms"],
+                       "device": device_label(r["device"]) if r and r.get("device") else "",
+                       "study_pareto": on_study_front.get(t.number, False)}
         records.append(TrialRecord(
             number=t.number, state=t.state.name, map50_95=attrs.get(MAP50_95_KEY), map50=attrs.get(MAP50_KEY),
-            latency_ms=attrs.get(LATENCY_MS_KEY), latency_ratio=attrs.get(LATENCY_RATIO_KEY),
-            device=device_label(attrs[DEVICE_KEY]) if DEVICE_KEY in attrs else "", params=attrs.get(PARAMS_KEY),
+            params=attrs.get(PARAMS_KEY),
             gflops_deploy=attrs.get(GFLOPS_DEPLOY_KEY), stages=stages, yaml_path=model_yaml,
             is_baseline=bool(attrs.get(BASELINE_KEY)), pruned=attrs.get(PRUNE_FRACTION_KEY),
-            latency_measured_ms=attrs.get(LATENCY_MEASURED_MS_KEY), head_width=arch.get("head_width"),
-            head_depth=arch.get("head_depth"),
+            head_width=arch.get("head_width"), head_depth=arch.get("head_depth"), **latency,
             **({"confirmed_map50_95": confirmed[t.number]["map50_95"], "confirmed_std": confirmed[t.number]["std"],
                 "confirmed_runs": confirmed[t.number]["runs"]} if t.number in confirmed else {}),
         ))
@@ -101,17 +122,29 @@ def trial_line(t: FrozenTrial) -> str:
 
 
 def export_files(study: optuna.Study, settings: StudySettings, out_dir: str | Path | None = None,
-                 formats: Sequence[str] | str = FORMATS) -> dict[str, Path]:
-    """Write the study's Pareto files into `out_dir` (default: the study folder); return format -> path."""
+                 formats: Sequence[str] | str = FORMATS, profile: str | None = None) -> dict[str, Path]:
+    """Write the study's Pareto files into `out_dir` (default: the study folder; with a `profile`, its subfolder
+    profiles/PROFILE); return format -> path. `profile`: rank on that latency profile (`trial_records`)."""
     from nas.study.confirm import confirmed_for_records
+    from nas.study.relatency import check_profile_name
 
     budget, confirmed = confirmed_for_records(study)  # read once: this runs after every trial
-    warning = study.user_attrs.get(BASELINE_LATENCY_WARNING_KEY)
-    return export_pareto(trial_records(study, settings, confirmed), out_dir or settings.folder, formats,
-                         title=f"repnas study {settings.name}: mAP50-95 vs latency",
-                         confirmed_budget=budget,
-                         baseline_latency_ms=study.user_attrs.get(BASELINE_LATENCY_MS_KEY),
-                         latency_setup=latency_setup(settings), warnings=[warning] if warning else [])
+    records = trial_records(study, settings, confirmed, profile)
+    if profile is None:
+        warning = study.user_attrs.get(BASELINE_LATENCY_WARNING_KEY)
+        return export_pareto(records, out_dir or settings.folder, formats,
+                             title=f"repnas study {settings.name}: mAP50-95 vs latency",
+                             confirmed_budget=budget,
+                             baseline_latency_ms=study.user_attrs.get(BASELINE_LATENCY_MS_KEY),
+                             latency_setup=latency_setup(settings), warnings=[warning] if warning else [])
+    stored = check_profile_name(study, profile)
+    warning = stored.get("warning")
+    setup = (f"{stored['imgsz']}x{stored['imgsz']} px, batch {stored['batch']}, {stored['backend']} backend "
+             f"(latency profile {profile}, `repnas relatency`)")
+    return export_pareto(records, out_dir or settings.folder / "profiles" / profile, formats,
+                         title=f"repnas study {settings.name}: mAP50-95 vs latency on profile {profile}",
+                         confirmed_budget=budget, baseline_latency_ms=stored.get("baseline_latency_ms"),
+                         latency_setup=setup, warnings=[warning] if warning else [])
 
 
 def latency_setup(settings: StudySettings) -> str:
@@ -133,10 +166,11 @@ def latency_setup(settings: StudySettings) -> str:
 
 
 def export_study(name: str, out_dir: str | Path | None = None, formats: Sequence[str] | str = FORMATS, *,
-                 storage: str | None = None, results: str = "results") -> dict[str, Path]:
-    """`repnas export`: write the study's Pareto files (default into results/NAME/); return format -> path."""
+                 storage: str | None = None, results: str = "results", profile: str | None = None) -> dict[str, Path]:
+    """`repnas export`: write the study's Pareto files (default into results/NAME/, with a latency `profile` into
+    results/NAME/profiles/PROFILE/); return format -> path."""
     study = load_study(name, storage=storage, results=results)
-    return export_files(study, stored_settings(study, name, storage, results), out_dir, formats)
+    return export_files(study, stored_settings(study, name, storage, results), out_dir, formats, profile)
 
 
 def weights_to_keep(study: optuna.Study, keep: int) -> set[int]:
@@ -292,6 +326,29 @@ def _num(value: object, fmt: str, size: int) -> str:
     return f"{'-':>{size}}" if pd.isna(value) else f"{value:>{size}{fmt}}"
 
 
+def _profile_lines(study: optuna.Study, profile: str | None) -> list[str]:
+    """The latency profiles the study holds, and with `profile` how its front differs from the study's."""
+    from nas.study.relatency import failed_timings, front_changes, profile_results, profiles
+
+    have = profiles(study)
+    if profile is None:
+        return [f"latency profiles (`repnas show {study.study_name} --profile NAME`): {', '.join(sorted(have))}"] \
+            if have else []
+    stored = have[profile]
+    timed = len(profile_results(study, profile))
+    done = len([t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values])
+    changed = front_changes(study, profile)
+    lines = [f"latency profile {profile}: {stored['device']}, {stored['backend']} backend, {stored['imgsz']} px, "
+             f"batch {stored['batch']}; baseline {stored['baseline_latency_ms']:.3f} ms frozen; {timed} of {done} "
+             "complete trials timed (`repnas relatency`); the front below is ranked on it",
+             f"  against the study's own front: kept {changed['kept']}, entered {changed['entered']}, left "
+             f"{changed['left']}"]
+    failed = failed_timings(study, profile)
+    if failed:
+        lines.append(f"  not timed: {len(failed)}, e.g. trial {failed[0][0]}: {failed[0][1]}")
+    return lines
+
+
 def _baseline_latency_lines(study: optuna.Study) -> list[str]:
     """The frozen baseline latency: median and p90, where it was timed, after how many measurements, and the
     warning a noisy machine left."""
@@ -312,9 +369,10 @@ def _baseline_latency_lines(study: optuna.Study) -> list[str]:
     return [line] + ([f"  warning: {warning}"] if warning else [])
 
 
-def show_study(name: str, *, storage: str | None = None, results: str = "results") -> str:
+def show_study(name: str, *, storage: str | None = None, results: str = "results", profile: str | None = None) -> str:
     """`repnas show`: one screen about a study: settings, trials by state (failures by reason), the front, time
-    left. Raises StudyError when there is no such study."""
+    left. `profile`: the front ranked on that latency profile (`repnas relatency`), rows that entered or left it
+    marked. Raises StudyError when there is no such study or profile."""
     from collections import Counter
 
     import numpy as np
@@ -335,9 +393,10 @@ def show_study(name: str, *, storage: str | None = None, results: str = "results
     lines.append(f"trials: {len(trials)} in all, {len(counted)} of {target} counted; "
                  + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
     lines += _failure_lines(trials)
-    records = trial_records(study, settings)
+    records = trial_records(study, settings, profile=profile)
     table = pareto_table(records)
     front = table[table["pareto"]] if len(table) else table
+    lines += _profile_lines(study, profile)
     if len(front):
         reference = default_reference(records)
         done = table.dropna(subset=["map50_95", "latency_ms"])
@@ -352,6 +411,8 @@ def show_study(name: str, *, storage: str | None = None, results: str = "results
                      .rstrip())
         for _, row in front.iterrows():
             mark = " (baseline)" if row["baseline"] else (" beats baseline" if row["dominates_baseline"] else "")
+            if profile is not None and not row["study_pareto"]:
+                mark += " (entered: off the study's own front)"
             if confirmed and row["confirmed_runs"]:
                 std = "" if pd.isna(row["confirmed_std"]) else f"±{row['confirmed_std']:.4f}"
                 cell = f" {row['confirmed_map50_95']:>7.4f}{std:<8}" + (

@@ -121,7 +121,7 @@ DECISION = ["trial", "map50_95", "map50", "latency_measured_ms", "latency_ms", "
             "gflops_deploy", "arch"]
 COLUMNS = [
     *DECISION, "confirmed_map50_95", "confirmed_std", "confirmed_runs", "confirmed_pareto",
-    "pareto", "front_rank", "dominates_baseline", "baseline", "pruned",
+    "pareto", "front_rank", "dominates_baseline", "baseline", "pruned", "study_pareto",
     *(f"P{i}_{f}" for i in range(1, 6) for f in ("depth", "width", "se")), "head_width", "head_depth",
     "device", "yaml", "state",
 ]

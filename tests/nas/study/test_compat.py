@@ -87,9 +87,9 @@ def test_an_old_study_shows_and_exports_with_its_values(name, assets, tmp_path, 
     before["device"] = before["device"].str.replace(", 1 threads", ", 1 thread")  # the label's plural, fixed
     added = [c for c in new.columns if c not in before.columns]  # columns of later versions
     assert added == ["latency_measured_ms", "arch", "confirmed_map50_95", "confirmed_std", "confirmed_runs",
-                     "confirmed_pareto", "head_width", "head_depth"]
+                     "confirmed_pareto", "study_pareto", "head_width", "head_depth"]
     assert (new["confirmed_runs"] == 0).all()
-    assert new[["confirmed_map50_95", "confirmed_std", "confirmed_pareto"]].isna().all().all()
+    assert new[["confirmed_map50_95", "confirmed_std", "confirmed_pareto", "study_pareto"]].isna().all().all()
     trials = {t.number: t.user_attrs for t in study.trials}
     for _, row in new.iterrows():  # the added columns hold what each old trial recorded
         attrs = trials[row["trial"]]
