@@ -34,7 +34,7 @@ class Command:
         raise NotImplementedError
 
 
-MODEL_HELP = "YOLOv5-format model YAML, or `seed`: the seed design (space.searchspace.seed_arch)"
+MODEL_HELP = "model YAML (YOLOv5's or YOLOv7's dialect), or `seed`: the seed design (space.searchspace.seed_arch)"
 
 
 class Build(Command, name="build", help="build a model YAML and print its layers, params and GFLOPs"):
@@ -70,7 +70,8 @@ class SpaceSample(Command, name="sample", help="write K model YAMLs sampled from
     """Write K model YAMLs sampled at random (seeded) from a space, with their deploy cost."""
 
     def add_arguments(self, p):
-        p.add_argument("--space", default="default", help="space YAML (default: the built-in default space)")
+        p.add_argument("--space", default="default", help="space YAML, or a built-in space by name: default, small, "
+                                                           "yolov7 (YOLOv7 head)")
         p.add_argument("--n", type=arg.count, default=5, help=f"how many, 1..{arg.MAX_COUNT} (default %(default)s)")
         p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
         p.add_argument("--nc", type=arg.positive_int, help="classes in the written YAMLs (default: the space's)")

@@ -193,7 +193,8 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
 
     proxy, demo = ProxyConfig(), DEMO["proxy"]
     p.add_argument("--data", help="data.yaml (default: the demo, the built-in synthetic demo set)")
-    p.add_argument("--space", help="space YAML (default: the built-in default space)")
+    p.add_argument("--space", help="space YAML, or a built-in space by name: default (the default), small, "
+                                   "yolov7 (YOLOv7 head)")
     p.add_argument("--trials", type=count, help=f"trials that count, in all (default {DEFAULTS['trials']}, the demo "
                                                 f"{DEMO['trials']}; rejected ones do not)")
     add_study_location(p)

@@ -173,7 +173,8 @@ _COLUMN_GROUPS: dict[str, dict[str, tuple[str, str]]] = {
         "params_m": ("params (M)", "parameters of the deployed (fused, pruned when pruned) network, in millions"),
         "gflops_deploy": ("GFLOPs", "GFLOPs of the deployed network at the latency input size"),
         "arch": ("arch", "the Arch in short form: d = blocks per backbone stage P1..P5, w = their output channels, "
-                         "se = squeeze-excitation per stage (+ on, - off), h = head width factor x C3 depth"),
+                         "se = squeeze-excitation per stage (+ on, - off), h = head width factor x C3 depth (ELAN "
+                         "depth in a yolov7 space)"),
     },
     "confirmed": {
         "confirmed_map50_95": ("confirmed mAP50-95", "mean mAP50-95 over seeds when retrained at the longer "

@@ -100,7 +100,8 @@ def load_weights(model_yaml: str | Path | dict, state: dict, nc: int | None = No
     and the first tensor of each kind, never a message cut short)."""
     from space.builder import build_model
 
-    fused = not any(".bn." in k or k.endswith("rbr_dense.conv.weight") for k in state)
+    fused = not any(".bn." in k or k.endswith(("rbr_dense.conv.weight", "rbr_dense.0.weight")) or ".ia." in k
+                    for k in state)
     model = build_model(model_yaml, nc=nc, deploy=fused)
     found = weights_nc(model, state) if nc is None else None
     if found is not None and found != model.nc:

@@ -1,8 +1,9 @@
 """Channel pruning of a fused (deploy) RepVGG-YOLO network to a FLOPs target, on torch-pruning's dependency graph.
 
 The dependency graph hands out coupled groups: one conv's output channels together with every input slice that
-reads them (through Concat, Upsample, SPPF's pools, SE's channel scale, C3's joins, Detect's input convs), so a
-pruned network always stays consistent. Within a group, an importance score picks which channels go; how many go
+reads them (through Concat, Upsample, SPPF's pools, SE's channel scale, C3's joins, Detect's input convs;
+YOLOv7's MP, SP and SPPCSPC pools, RepConv, and IDetect, whose implicit layers follow their conv), so a pruned
+network always stays consistent. Within a group, an importance score picks which channels go; how many go
 is one uniform pruning ratio for all groups, found by bisection so that the deploy GFLOPs (counted as
 `space.cost.count_gflops` counts `gflops_deploy`) land within `tolerance` of the target:
 
@@ -34,6 +35,7 @@ from torch import nn
 from space.blocks import Detect, RepVGGBlock, SEBlock
 from space.cost import count_gflops, count_params, is_deploy
 from space.errors import RepnasError
+from space.yolov7 import IDetect
 
 IMPORTANCES = ("l1", "l2", "taylor", "random")
 MIN_FRACTION = 0.01  # targets below 1% of the unpruned GFLOPs are refused
@@ -213,10 +215,27 @@ def _raw_forward(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         if src != -1:
             x = outputs[src] if isinstance(src, int) else [x if j == -1 else outputs[j] for j in src]
         if isinstance(module, Detect):
-            return [conv(t) for conv, t in zip(module.m, x)]  # (B, na * no, H, W) per level
+            return [module.level(k, t) for k, t in enumerate(x)]  # (B, na * no, H, W) per level
         x = module(x)
         outputs.append(x if i in model._keep else None)
     raise PruneError("the model has no Detect layer; prune_to_flops prunes DetectionModels")
+
+
+def _implicit_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """YOLOv7 IDetect's implicit tensors (1, C, 1, 1), each pruned on its channel dimension (1) with the conv whose
+    channels it shifts or scales. The deploy network has none: fusion folds them into the output convs."""
+    return [(layer.implicit, 1) for module in model.modules() if isinstance(module, IDetect) and not module.deploy
+            for layer in (*module.ia, *module.im)]
+
+
+def dependency_graph(model: nn.Module, example: torch.Tensor):
+    """torch-pruning's dependency graph of a DetectionModel (train-time or fused), traced on `example` (1, C, H, W)
+    through the raw maps of its detection head: Concat, Upsample, max-pools (SPPF, MP, SP, SPPCSPC), SE scales and
+    YOLOv7's implicit layers each couple the channels they pass on; pruning a group resizes every member."""
+    import torch_pruning as tp
+
+    return tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=_raw_forward,
+                                                 unwrapped_parameters=_implicit_parameters(model), verbose=False)
 
 
 @dataclass
@@ -456,8 +475,6 @@ def prune_to_flops(
         if not batches:
             raise PruneError("importance='taylor': calibration gave no batches; give at least one")
 
-    import torch_pruning as tp  # heavy import, only where pruning happens
-
     ch = int(getattr(model, "yaml", {}).get("ch", 3))
     gflops_before = count_gflops(model, (h, w), ch)
     target_gflops = parse_target(target, gflops_before)
@@ -471,8 +488,7 @@ def prune_to_flops(
 
     def step_to(goal: float, check_reachable: bool) -> None:
         """Prune `model` towards `goal` GFLOPs: one dependency graph, one plan, one round of importance."""
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=_raw_forward,
-                                                   verbose=False)
+        dg = dependency_graph(model, example)
         flops = _FlopsModel(model, (h, w), ch)
         groups = _groups(dg, flops, [m for m in ignored if m in dg.module2node], round_to)
         rest = count_gflops(model, (h, w), ch) - flops.gflops(groups, [0] * len(groups))  # non-conv ops

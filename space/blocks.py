@@ -10,11 +10,41 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 ActLayer = Callable[[], nn.Module]
+
+# The activations a model YAML may name (as `activation:` in YOLOv5's dialect, per row in YOLOv7's), by spelling.
+ACTIVATIONS: dict[str, Callable[..., nn.Module]] = {
+    "nn.SiLU": nn.SiLU, "nn.ReLU": nn.ReLU, "nn.ReLU6": nn.ReLU6, "nn.LeakyReLU": nn.LeakyReLU,
+    "nn.Hardswish": nn.Hardswish, "nn.Mish": nn.Mish, "nn.GELU": nn.GELU, "nn.Sigmoid": nn.Sigmoid,
+    "nn.Identity": nn.Identity,
+}
+
+
+@dataclass(frozen=True, repr=False)
+class Activation:
+    """An activation from the fixed table, named as a YAML names it (`nn.LeakyReLU(0.1)`): calling it makes a fresh
+    module, so layers never share one. `slope` is LeakyReLU's negative slope (None: torch's default 0.01)."""
+
+    name: str
+    slope: float | None = None
+
+    def __post_init__(self):
+        if self.name not in ACTIVATIONS:
+            raise ValueError(f"Activation: {self.name!r} is not one of {', '.join(ACTIVATIONS)}")
+        if self.slope is not None and self.name != "nn.LeakyReLU":
+            raise ValueError(f"Activation: {self.name}() takes no argument, got {self.slope!r}")
+
+    def __call__(self) -> nn.Module:
+        cls = ACTIVATIONS[self.name]
+        return cls() if self.slope is None else cls(self.slope)
+
+    def __repr__(self) -> str:
+        return f"{self.name}({'' if self.slope is None else repr(self.slope)})"
 
 
 def autopad(kernel_size: int, padding: int | None = None, dilation: int = 1) -> int:
@@ -268,11 +298,15 @@ class Detect(nn.Module):
         self.m = nn.ModuleList(nn.Conv2d(c, self.no * self.na, 1) for c in ch)
         self._grids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def level(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Level `i`'s raw map (B, na * (5 + nc), H, W) from its input feature map (B, C, H, W)."""
+        return self.m[i](x)
+
     def forward(self, x: list[torch.Tensor]):
         x = list(x)
         z = []
         for i in range(self.nl):
-            x[i] = self.m[i](x[i])
+            x[i] = self.level(i, x[i])
             bs, _, ny, nx = x[i].shape
             x[i] = x[i].view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
             if not self.training:
@@ -302,10 +336,12 @@ class Detect(nn.Module):
         self._grids = {}
         return super()._apply(fn, recurse)
 
+    CLASS_PRIOR_OFFSET = 0.99999  # YOLOv5's log(0.6 / (nc - offset)) class prior (YOLOv7 writes 0.99)
+
     def initialize_biases(self) -> None:
         """YOLOv5's prior: about 8 objects per 640 image on each level, class probability 0.6 / nc."""
         with torch.no_grad():
             for conv, s in zip(self.m, self.stride.tolist()):
                 b = conv.bias.view(self.na, -1)  # (na, 5 + nc)
                 b[:, 4] += math.log(8 / (640 / s) ** 2)
-                b[:, 5:5 + self.nc] += math.log(0.6 / (self.nc - 0.99999))
+                b[:, 5:5 + self.nc] += math.log(0.6 / (self.nc - self.CLASS_PRIOR_OFFSET))

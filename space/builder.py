@@ -1,4 +1,4 @@
-"""YOLOv5 model YAML -> DetectionModel, with YOLOv5's parse semantics and nothing ever evaluated.
+"""YOLOv5 or YOLOv7 model YAML -> DetectionModel, with the parse semantics of each and nothing ever evaluated.
 
 The rules are YOLOv5's `parse_model`: rows `[from, number, module, args]`; `from` an int or a list (negative =
 relative; -1 the previous layer); `number` scaled by `depth_multiple` (Python's round, at least 1, only when
@@ -6,6 +6,17 @@ relative; -1 the previous layer); `number` scaled by `depth_multiple` (Python's 
 prepended to the args of channel-mapping modules; C3 gets `number` as its third argument. Modules come from an
 explicit registry; the strings `nc`, `anchors` and `None` are resolved from a fixed table; any other string is
 accepted only as a literal where the module takes a string (Upsample's mode, RepVGG's padding mode).
+
+Two dialects share that format and differ in what a row means (`dialect_of` decides which one a YAML speaks):
+  - yolov5: YOLOv5 7.0's `models/yolo.py` and `common.py` (MODULES). A top-level `activation:` sets every layer's.
+  - yolov7: YOLOv7's `models/yolo.py::parse_model` at commit a207844 (MODULES_V7, blocks in space.yolov7):
+    a Conv row `[c2, k, s, p, g, act]` gives an activation where YOLOv5 7.0's gives a dilation, written per row as
+    YOLOv7's YAMLs write it (`[32, 3, 2, None, 1, nn.LeakyReLU(0.1)]`) and read from the fixed table
+    `space.blocks.ACTIVATIONS`, never evaluated; SiLU where a row names none. SPPCSPC gets `number` as its third
+    argument (as C3 does in YOLOv5); IDetect/Detect get the input channels appended. The design document's
+    RepVGGBlock builds in both.
+A YAML speaks YOLOv7 when it says so (`dialect: yolov7`) or names a module only YOLOv7 has (V7_ONLY); any other
+YAML, ambiguous ones included, is YOLOv5.
 
 Before allocating any weights the network is built on the `meta` device: its parameter count is bounded and a
 shape probe runs, so an absurd YAML fails in milliseconds with the offending row named.
@@ -24,7 +35,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from space.blocks import C3, SPPF, Bottleneck, Concat, Conv, Detect, RepVGGBlock, SEBlock, make_divisible
+from space import yolov7 as v7
+from space.blocks import (
+    ACTIVATIONS,
+    C3,
+    SPPF,
+    Activation,
+    Bottleneck,
+    Concat,
+    Conv,
+    Detect,
+    RepVGGBlock,
+    SEBlock,
+    make_divisible,
+)
 from space.errors import ModelConfigError
 from space.yamlio import read_yaml
 
@@ -50,6 +74,25 @@ MODULES: dict[str, type[nn.Module]] = {
 CHANNEL_MODULES = {Conv, Bottleneck, C3, SPPF, RepVGGBlock}  # c1 prepended, c2 scaled (YOLOv5's set)
 ACT_MODULES = {Conv, Bottleneck, C3, SPPF}  # take the model's activation and deploy form as keywords
 
+DIALECTS = ("yolov5", "yolov7")
+# YOLOv7's names (models/common.py, models/yolo.py at a207844), as far as repnas builds them
+MODULES_V7: dict[str, type[nn.Module]] = {
+    "Conv": v7.Conv,
+    "Concat": Concat,
+    "MP": v7.MP,
+    "SP": v7.SP,
+    "SPPCSPC": v7.SPPCSPC,
+    "RepConv": v7.RepConv,
+    "RepVGGBlock": RepVGGBlock,
+    "nn.Upsample": nn.Upsample,
+    "IDetect": v7.IDetect,
+    "Detect": v7.DetectV7,
+}
+V7_ONLY = frozenset(MODULES_V7) - frozenset(MODULES)  # a YAML naming one of these speaks YOLOv7
+CHANNEL_MODULES_V7 = {v7.Conv, v7.RepConv, v7.SPPCSPC, RepVGGBlock}  # YOLOv7's list, as far as built here
+DEPLOY_MODULES_V7 = {v7.Conv, v7.SPPCSPC, v7.IDetect}  # take the deploy form as a keyword
+DETECT_MODULES = {Detect, v7.DetectV7, v7.IDetect}
+
 _NONE = type(None)
 
 
@@ -66,6 +109,7 @@ class Arg:
 
 
 _I, _F, _B = (int,), (int, float), (bool,)
+_ACT = (bool, _NONE, Activation)  # True (SiLU), False or None (none: YOLOv7's rule), or a spelling from ACTIVATIONS
 ARGS: dict[str, tuple[Arg, ...]] = {
     "Conv": (Arg("out_channels", _I, low=1), Arg("kernel_size", _I, 1, low=1, high=15),
              Arg("stride", _I, 1, low=1, high=16), Arg("padding", (int, _NONE), None, low=0, high=15),
@@ -89,13 +133,26 @@ ARGS: dict[str, tuple[Arg, ...]] = {
 }
 REQUIRED = {"Conv": 1, "Bottleneck": 1, "C3": 1, "SPPF": 1, "RepVGGBlock": 1, "SEBlock": 2, "Detect": 2}
 
-ACTIVATIONS: dict[str, Callable[..., nn.Module]] = {
-    "nn.SiLU": nn.SiLU, "nn.ReLU": nn.ReLU, "nn.ReLU6": nn.ReLU6, "nn.LeakyReLU": nn.LeakyReLU,
-    "nn.Hardswish": nn.Hardswish, "nn.Mish": nn.Mish, "nn.GELU": nn.GELU, "nn.Sigmoid": nn.Sigmoid,
-    "nn.Identity": nn.Identity,
+ARGS_V7: dict[str, tuple[Arg, ...]] = {
+    "Conv": (Arg("out_channels", _I, low=1), Arg("kernel_size", _I, 1, low=1, high=15),
+             Arg("stride", _I, 1, low=1, high=16), Arg("padding", (int, _NONE), None, low=0, high=15),
+             Arg("groups", _I, 1, low=1), Arg("act", _ACT, True)),
+    "RepConv": (Arg("out_channels", _I, low=1), Arg("kernel_size", _I, 3, low=3, high=3),
+                Arg("stride", _I, 1, low=1, high=16), Arg("padding", (int, _NONE), None, low=1, high=1),
+                Arg("groups", _I, 1, low=1), Arg("act", _ACT, True), Arg("deploy", _B, False)),
+    "SPPCSPC": (Arg("out_channels", _I, low=1), Arg("shortcut", _B, False), Arg("groups", _I, 1, low=1),
+                Arg("expansion", _F, 0.5, low=1e-3, high=8), Arg("kernel_sizes", (list,), [5, 9, 13])),
+    "MP": (Arg("kernel_size", _I, 2, low=1, high=16),),
+    "SP": (Arg("kernel_size", _I, 3, low=1, high=31), Arg("stride", _I, 1, low=1, high=16)),
+    "IDetect": ARGS["Detect"][:2],
+    "Detect": ARGS["Detect"][:2],
+    **{name: ARGS[name] for name in ("Concat", "RepVGGBlock", "nn.Upsample")},
 }
+REQUIRED_V7 = {"Conv": 1, "RepConv": 1, "SPPCSPC": 1, "RepVGGBlock": 1, "IDetect": 2, "Detect": 2}
+MAX_POOLS = 8  # SPPCSPC's parallel max-pools
+
 _ACT_RE = re.compile(r"^\s*(?:torch\.)?(nn\.\w+)\(\s*([-+0-9.eE]*)\s*\)\s*$")
-TOP_KEYS = ("nc", "depth_multiple", "width_multiple", "anchors", "backbone", "head", "activation", "ch")
+TOP_KEYS = ("nc", "depth_multiple", "width_multiple", "anchors", "backbone", "head", "activation", "ch", "dialect")
 
 
 @dataclass(frozen=True)
@@ -111,10 +168,10 @@ class LayerInfo:
 
 
 class DetectionModel(nn.Module):
-    """A YOLOv5-layout detector: `model` is an nn.Sequential of layers whose last one is Detect.
+    """A YOLOv5/YOLOv7-layout detector: `model` is an nn.Sequential of layers whose last one is Detect (IDetect).
 
-    State-dict keys are YOLOv5's (`model.0.rbr_dense.conv.weight` ... `model.22.anchors`). `yaml` is the
-    model dict as built (nc resolved); `layer_info` describes each layer.
+    State-dict keys are YOLOv5's or YOLOv7's (`model.0.rbr_dense.conv.weight` ... `model.22.anchors`). `yaml` is
+    the model dict as built (nc resolved); `layer_info` describes each layer; `dialect` is "yolov5" or "yolov7".
     """
 
     def __init__(self, layers: Sequence[nn.Module], layer_info: Sequence[LayerInfo], save: Sequence[int],
@@ -126,9 +183,10 @@ class DetectionModel(nn.Module):
         self.yaml = cfg
         self._from = tuple(info.from_ for info in self.layer_info)
         self._keep = frozenset(self.save)
+        self.dialect = dialect_of(cfg)
 
     @property
-    def detect(self) -> Detect:
+    def detect(self) -> Detect:  # YOLOv7's IDetect and Detect are Detect subclasses
         return self.model[-1]
 
     @property
@@ -154,7 +212,7 @@ class DetectionModel(nn.Module):
 
 def _type_names(types: tuple[type, ...]) -> str:
     names = {int: "an integer", float: "a number", bool: "true/false", str: "a string", list: "a list",
-             _NONE: "None"}
+             _NONE: "None", Activation: "an activation such as nn.LeakyReLU(0.1)"}
     return " or ".join(names[t] for t in types)
 
 
@@ -168,25 +226,45 @@ def _check_number(value: Any, types: tuple[type, ...]) -> bool:
     return False
 
 
-def _activation(spec: Any, where: str) -> Callable[[], nn.Module]:
-    if spec is None:
-        return nn.SiLU
+def parse_activation(spec: Any, where: str, field: str = "activation") -> Activation:
+    """The activation a YAML spells `spec` (e.g. "nn.LeakyReLU(0.1)"), looked up in the fixed table
+    space.blocks.ACTIVATIONS, never evaluated. Raises ModelConfigError naming `where` and `field`."""
     match = _ACT_RE.match(spec) if isinstance(spec, str) else None
     if match is None or match.group(1) not in ACTIVATIONS:
         raise ModelConfigError(
-            f"{where}: field 'activation': {spec!r} is not a known activation; use one of "
+            f"{where}: field '{field}': {spec!r} is not a known activation; use one of "
             f"{', '.join(name + '()' for name in ACTIVATIONS)} (nn.LeakyReLU(0.1) takes a slope)"
         )
     name, arg = match.groups()
     if not arg:
-        return ACTIVATIONS[name]
+        return Activation(name)
     if name != "nn.LeakyReLU":
-        raise ModelConfigError(f"{where}: field 'activation': {name}() takes no argument, got {spec!r}")
+        raise ModelConfigError(f"{where}: field '{field}': {name}() takes no argument, got {spec!r}")
     try:
         slope = float(arg)
     except ValueError:
-        raise ModelConfigError(f"{where}: field 'activation': slope {arg!r} is not a number") from None
-    return lambda: nn.LeakyReLU(slope)
+        raise ModelConfigError(f"{where}: field '{field}': slope {arg!r} is not a number") from None
+    if not math.isfinite(slope):
+        raise ModelConfigError(f"{where}: field '{field}': slope {arg!r} is not a finite number")
+    return Activation(name, slope)
+
+
+def _activation(spec: Any, where: str) -> Callable[[], nn.Module]:
+    return nn.SiLU if spec is None else parse_activation(spec, where)
+
+
+def dialect_of(cfg: dict, where: str = "<model dict>") -> str:
+    """"yolov7" or "yolov5": the explicit top-level `dialect`, else "yolov7" when a row names a module only YOLOv7
+    has (V7_ONLY: MP, SP, SPPCSPC, RepConv, IDetect), else "yolov5" (an ambiguous YAML is YOLOv5's)."""
+    explicit = cfg.get("dialect")
+    if explicit is not None:
+        if explicit not in DIALECTS:
+            raise ModelConfigError(f"{where}: field 'dialect': {explicit!r:.40} is not a dialect; write one of "
+                                   f"{', '.join(DIALECTS)} (or leave it out to detect it from the modules)")
+        return explicit
+    rows = [row for part in ("backbone", "head") if isinstance(cfg.get(part), list) for row in cfg[part]]
+    names = {row[2] for row in rows if isinstance(row, list) and len(row) == 4 and isinstance(row[2], str)}
+    return "yolov7" if names & V7_ONLY else "yolov5"
 
 
 def _positive(cfg: dict, key: str, where: str, default: float | None = None, integer: bool = False) -> Any:
@@ -223,22 +301,43 @@ def _check_anchors(anchors: Any, where: str) -> None:
             )
 
 
-def _resolve_args(name: str, raw: list, table: dict[str, Any], at: str) -> list:
-    specs = ARGS[name]
+def _kernel_sizes(value: list, at: str, field: str) -> list[int]:
+    """SPPCSPC's max-pool kernels: 1..MAX_POOLS odd sizes (a pool pads k // 2, so an even one changes the size)."""
+    if not 1 <= len(value) <= MAX_POOLS or not all(
+            _check_number(k, _I) and not isinstance(k, bool) and 1 <= k <= 31 and k % 2 for k in value):
+        raise ModelConfigError(f"{at}: field '{field}': {value!r:.60} must be a list of 1..{MAX_POOLS} odd kernel "
+                               "sizes in 1..31, e.g. [5, 9, 13]")
+    return list(value)
+
+
+def _resolve_args(name: str, raw: list, table: dict[str, Any], at: str, dialect: str = "yolov5") -> list:
+    specs, required = (ARGS_V7, REQUIRED_V7) if dialect == "yolov7" else (ARGS, REQUIRED)
+    specs = specs[name]
     if len(raw) > len(specs):
         raise ModelConfigError(
             f"{at}: field 'args': {len(raw)} arguments, but {name} takes at most {len(specs)} "
             f"({', '.join(s.name for s in specs)})"
         )
-    if len(raw) < REQUIRED.get(name, 0):
+    if len(raw) < required.get(name, 0):
         raise ModelConfigError(
-            f"{at}: field 'args': {raw!r} is missing {', '.join(s.name for s in specs[len(raw):REQUIRED[name]])}"
+            f"{at}: field 'args': {raw!r} is missing {', '.join(s.name for s in specs[len(raw):required[name]])}"
         )
     args = []
     for k, (value, spec) in enumerate(zip(raw, specs)):
         field = f"args[{k}] ({spec.name})"
         if isinstance(value, str) and value in table:
             value = table[value]
+        if isinstance(value, str) and Activation in spec.types:
+            args.append(parse_activation(value, at, field))
+            continue
+        if isinstance(value, list) and spec.name == "kernel_sizes":
+            args.append(_kernel_sizes(value, at, field))
+            continue
+        if isinstance(value, str) and dialect == "yolov5" and name == "Conv" and k == 5 and _ACT_RE.match(value):
+            raise ModelConfigError(
+                f"{at}: field '{field}': {value!r} is an activation, which YOLOv7's Conv takes here; YOLOv5's takes a "
+                "dilation. For a YOLOv7 YAML write the top-level field `dialect: yolov7`"
+            )
         if isinstance(value, str):
             if str not in spec.types or value not in spec.choices:
                 allowed = f"one of {list(spec.choices)}" if str in spec.types else _type_names(spec.types)
@@ -324,6 +423,19 @@ class _Plan:
     at: str
 
 
+def _unknown_module(name: Any, at: str, dialect: str, why: str) -> ModelConfigError:
+    """`why`: what made the YAML YOLOv7's ("`dialect: yolov7` says so", "it names MP, IDetect")."""
+    registry = MODULES_V7 if dialect == "yolov7" else MODULES
+    hint, named = "", isinstance(name, str)  # a YAML may put anything there, a list included
+    if named and dialect == "yolov5" and name in V7_ONLY:  # only reachable with an explicit `dialect: yolov5`
+        hint = f"; {name} is a YOLOv7 module: write `dialect: yolov7` (or leave `dialect` out)"
+    elif named and dialect == "yolov7" and name in MODULES:
+        hint = (f"; {name} is YOLOv5's, and this YAML is read as YOLOv7's ({why}), whose parse_model does not build "
+                "it; use the YOLOv7 modules")
+    return ModelConfigError(f"{at}: field 'module': unknown module {name!r:.60}; known modules: "
+                            f"{', '.join(registry)}{hint}")
+
+
 def _plan_layers(d: dict, where: str, ch: int, deploy: bool) -> tuple[list[_Plan], list[int]]:
     unknown = [k for k in d if k not in TOP_KEYS]
     if unknown:
@@ -343,6 +455,12 @@ def _plan_layers(d: dict, where: str, ch: int, deploy: bool) -> tuple[list[_Plan
         raise ModelConfigError(f"{where}: field 'anchors' is missing; add YOLOv5's anchors or an integer")
     anchors = d["anchors"]
     _check_anchors(anchors, where)
+    dialect = dialect_of(d, where)
+    v7_dialect = dialect == "yolov7"
+    if v7_dialect and d.get("activation") is not None:
+        raise ModelConfigError(f"{where}: field 'activation' is YOLOv5's; a YOLOv7 YAML names activations per row "
+                               "(Conv's 6th argument, e.g. nn.LeakyReLU(0.1)), so remove the field")
+    registry = MODULES_V7 if v7_dialect else MODULES
     act_layer = _activation(d.get("activation"), where)
     backbone, head = d.get("backbone"), d.get("head", [])
     if not isinstance(backbone, list) or not backbone:
@@ -357,6 +475,9 @@ def _plan_layers(d: dict, where: str, ch: int, deploy: bool) -> tuple[list[_Plan
     rows = [("backbone", k, row) for k, row in enumerate(backbone)] + [("head", k, row) for k, row in enumerate(head)]
     if len(rows) > MAX_ROWS:
         raise ModelConfigError(f"{where}: {len(rows)} rows is over the limit of {MAX_ROWS}; split the model")
+    named = [row[2] for _, _, row in rows
+             if isinstance(row, list) and len(row) == 4 and isinstance(row[2], str) and row[2] in V7_ONLY]
+    why_v7 = "`dialect: yolov7` says so" if "dialect" in d else f"it names {', '.join(dict.fromkeys(named))}"
 
     na = len(anchors[0]) // 2 if isinstance(anchors, list) else anchors
     no = na * (nc + 5)
@@ -369,53 +490,53 @@ def _plan_layers(d: dict, where: str, ch: int, deploy: bool) -> tuple[list[_Plan
         if not isinstance(row, list) or len(row) != 4:
             raise ModelConfigError(f"{at}: {row!r:.80} is not a row [from, number, module, args]; fix its shape")
         src, number, name, raw_args = row
-        if not isinstance(name, str) or name not in MODULES:
-            raise ModelConfigError(
-                f"{at}: field 'module': unknown module {name!r:.60}; known modules: {', '.join(MODULES)}"
-            )
+        if not isinstance(name, str) or name not in registry:
+            raise _unknown_module(name, at, dialect, why_v7)
         at = f"{at}, {name}"
         if isinstance(number, bool) or not isinstance(number, int) or number < 1:
             raise ModelConfigError(f"{at}: field 'number': {number!r} must be a positive integer")
         if not isinstance(raw_args, list):
             raise ModelConfigError(f"{at}: field 'args': {raw_args!r:.60} must be a list")
         src = _from_indices(src, i, at)
-        cls = MODULES[name]
-        args = _resolve_args(name, raw_args, table, at)
+        cls = registry[name]
+        args = _resolve_args(name, raw_args, table, at, dialect)
         n = max(round(number * gd), 1) if number > 1 else number
         if n > MAX_NUMBER:
             raise ModelConfigError(f"{at}: field 'number': {number} x depth_multiple {gd} = {n} repeats is over "
                                    f"the limit of {MAX_NUMBER}")
-        multi = cls in (Concat, Detect)
+        multi = cls is Concat or cls in DETECT_MODULES
         if multi and not isinstance(src, list):
             raise ModelConfigError(f"{at}: field 'from': {name} joins several layers; give a list such as [-1, 6]")
         if not multi and isinstance(src, list):
             raise ModelConfigError(f"{at}: field 'from': {name} takes one input, got the list {src}")
         kwargs: dict[str, Any] = {}
-        if cls in CHANNEL_MODULES:
+        if cls in CHANNEL_MODULES or cls in CHANNEL_MODULES_V7:
             c1, c2 = chs[src], args[0]
             if c2 != no:
                 c2 = make_divisible(c2 * gw, 8)
             if c2 > MAX_CHANNELS:
                 raise ModelConfigError(f"{at}: field 'args[0]': {args[0]} channels x width_multiple {gw} = {c2} is "
                                        f"over the limit of {MAX_CHANNELS}")
-            if n > 1 and cls is not C3 and c1 != c2:
+            if n > 1 and cls not in (C3, v7.SPPCSPC) and c1 != c2:
                 raise ModelConfigError(
                     f"{at}: channel mismatch: {n} repeated {name}s all take the row's input ({c1} channels) but "
                     f"output {c2}; put the channel change in its own row with number 1, then repeat at {c2}"
                 )
             args = [c1, c2, *args[1:]]
-            if cls is C3:
+            if cls in (C3, v7.SPPCSPC):
                 args.insert(2, n)
                 n = 1
-            if cls in ACT_MODULES:
+            if cls in ACT_MODULES and not v7_dialect:
                 kwargs = {"act_layer": act_layer, "deploy": deploy}
-            elif cls is RepVGGBlock and deploy:
-                specs = ARGS[name]
+            elif cls in DEPLOY_MODULES_V7:
+                kwargs = {"deploy": deploy}
+            elif cls in (RepVGGBlock, v7.RepConv) and deploy:
+                specs = (ARGS_V7 if v7_dialect else ARGS)[name]
                 args += [s.default for s in specs[len(args) - 1:]]
                 args[1 + [s.name for s in specs].index("deploy")] = True
         elif cls is Concat:
             c2 = sum(chs[j] for j in src)
-        elif cls is Detect:
+        elif cls in DETECT_MODULES:
             if not isinstance(args[1], (list, int)) or isinstance(args[1], bool):
                 raise ModelConfigError(f"{at}: field 'args[1] (anchors)': {args[1]!r} must be anchors or an int")
             _check_anchors(args[1], at)
@@ -423,11 +544,13 @@ def _plan_layers(d: dict, where: str, ch: int, deploy: bool) -> tuple[list[_Plan
                 args[1] = [list(range(args[1] * 2))] * len(src)
             if len(args[1]) != len(src):
                 raise ModelConfigError(
-                    f"{at}: field 'from': Detect reads {len(src)} layers but anchors has {len(args[1])} levels; "
+                    f"{at}: field 'from': {name} reads {len(src)} layers but anchors has {len(args[1])} levels; "
                     "give one anchor list per input"
                 )
             args = [*args[:2], [chs[j] for j in src], *args[2:]]
             c2 = chs[-1]
+            if cls is v7.IDetect:
+                kwargs = {"deploy": deploy}
         elif cls is SEBlock:
             c2 = chs[src]
             if args[0] != c2:
@@ -442,11 +565,12 @@ def _plan_layers(d: dict, where: str, ch: int, deploy: bool) -> tuple[list[_Plan
         chs.append(c2)
         save.extend(j % i for j in (src if isinstance(src, list) else [src]) if j != -1)
         plans.append(_Plan(name, cls, args, kwargs, n, src, c2, at))
-    if plans[-1].cls is not Detect:
-        raise ModelConfigError(f"{where}: the last row must be Detect (the detection head), got {plans[-1].module}")
+    heads = "IDetect or Detect" if v7_dialect else "Detect"
+    if plans[-1].cls not in DETECT_MODULES:
+        raise ModelConfigError(f"{where}: the last row must be {heads} (the detection head), got {plans[-1].module}")
     for plan in plans[:-1]:
-        if plan.cls is Detect:
-            raise ModelConfigError(f"{plan.at}: Detect must be the last row only")
+        if plan.cls in DETECT_MODULES:
+            raise ModelConfigError(f"{plan.at}: {plan.module} must be the last row only")
     return plans, save
 
 
@@ -476,7 +600,7 @@ def _probe(layers: Sequence[nn.Module], plans: Sequence[_Plan], ch: int) -> list
         src = plan.from_
         if src != -1:
             x = outputs[src] if isinstance(src, int) else [x if j == -1 else outputs[j] for j in src]
-        if plan.cls is Detect:
+        if plan.cls in DETECT_MODULES:
             return [t.shape[-2] for t in x]
         try:
             with torch.no_grad():
@@ -505,10 +629,12 @@ def _assemble(plans: Sequence[_Plan], layers: Sequence[nn.Module], save: list[in
 
 def build_model(cfg: str | Path | dict, nc: int | None = None, ch: int = 3, *, deploy: bool = False,
                 device: str | torch.device | None = None) -> DetectionModel:
-    """Build a detector from a YOLOv5 model YAML (path or dict), as YOLOv5's `models/yolo.py` `parse_model` does.
+    """Build a detector from a YOLOv5 or YOLOv7 model YAML (path or dict), as that project's `models/yolo.py`
+    `parse_model` does (the dialect: `dialect_of`, the module docstring).
 
     `nc` overrides the YAML's class count; `ch` is the input channels (3 for RGB). `deploy=True` builds the fused
-    inference form directly (RepVGG blocks as one 3x3 conv, Conv without BatchNorm): the structure
+    inference form directly (RepVGG blocks and RepConvs as one 3x3 conv, Conv without BatchNorm, IDetect without
+    its implicit layers): the structure
     `pruning.reparam.fuse_model` produces, e.g. to load fused weights. `device="meta"` builds a weightless model
     for shape and cost questions. Returns a DetectionModel in train mode whose forward takes images (B, ch, H, W)
     with H, W multiples of its largest stride and returns, in training, one tensor per level
@@ -554,7 +680,10 @@ def build_model(cfg: str | Path | dict, nc: int | None = None, ch: int = 3, *, d
         detect.stride.copy_(torch.tensor(strides, dtype=torch.float32))
         if detect.anchors.device.type != "meta":
             detect.anchors /= detect.stride.view(-1, 1, 1)
-            _check_anchor_order(detect)
+            if isinstance(detect, v7.DetectV7):
+                _check_anchor_order_v7(detect)
+            else:
+                _check_anchor_order(detect)
             detect.initialize_biases()
     _yolov5_init(model)
     if device is not None:
@@ -568,3 +697,13 @@ def _check_anchor_order(detect: Detect) -> None:
     da, ds = area[-1] - area[0], detect.stride[-1] - detect.stride[0]
     if da and da.sign() != ds.sign():
         detect.anchors[:] = detect.anchors.flip(0)
+
+
+def _check_anchor_order_v7(detect: v7.DetectV7) -> None:
+    """YOLOv7's utils/autoanchor.py rule: compare the first and last anchor's pixel area (`anchor_grid`) with the
+    strides; flip anchors and anchor_grid together when they disagree."""
+    area = detect.anchor_grid.prod(-1).view(-1)
+    da, ds = area[-1] - area[0], detect.stride[-1] - detect.stride[0]
+    if da.sign() != ds.sign():
+        detect.anchors[:] = detect.anchors.flip(0)
+        detect.anchor_grid[:] = detect.anchor_grid.flip(0)

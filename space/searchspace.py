@@ -1,14 +1,19 @@
-"""The search space as data: a space YAML -> Space; an Optuna trial -> Arch; Arch -> YOLOv5 model YAML.
+"""The search space as data: a space YAML -> Space; an Optuna trial -> Arch; Arch -> YOLOv5/YOLOv7 model YAML.
 
 An Arch is a RepVGG backbone of five stages (P1/2 .. P5/32), each one stride-2 block followed by depth-1
-stride-1 blocks of the same width (optionally with squeeze-excitation), under the seed design's PANet head
-(YOLOv5's head) whose Conv/C3 widths scale by `head_width` and whose C3s hold `head_depth` bottlenecks.
+stride-1 blocks of the same width (optionally with squeeze-excitation), under a head of the space's `dialect`:
+  - yolov5 (the default): the seed design's PANet head (YOLOv5's head) whose Conv/C3 widths scale by `head_width`
+    and whose C3s hold `head_depth` bottlenecks; the model YAML is YOLOv5's.
+  - yolov7: a YOLOv7-tiny-style ELAN head (space/spaces/yolov7.yaml): SPPCSPC on P5, top-down and bottom-up ELAN
+    blocks of `head_depth` 3x3 convs (YOLOv7-tiny's have 2) whose widths scale by `head_width`, RepConv outputs and
+    IDetect; the model YAML is YOLOv7's (it builds in a YOLOv7 checkout that carries the RepVGG block).
 `sample_arch` is the only code that calls `trial.suggest_*`; `Arch.from_params` inverts it.
 
 Space YAML (see spaces/default.yaml):
 
     imgsz: 640                 # input size for cost and budget checks
     nc: 80                     # classes assumed for cost checks
+    dialect: yolov5            # the head and YAML dialect: yolov5 (default) or yolov7
     stages:                    # exactly P1..P5, in order
       P1: {depth: [1], width: [32, 48, 64], se: false}
       P2: {depth: [1, 2, 3], width: [32, 64, 96], se: [false, true]}   # se: searchable
@@ -34,6 +39,14 @@ from space.yamlio import format_model_yaml, read_yaml
 STAGE_NAMES = ("P1", "P2", "P3", "P4", "P5")
 SE_MIN_WIDTH = 32  # SE squeezes to width // 16: offered only where that leaves at least 2 neurons
 SEED_HEAD = (256, 256, 128, 128, 128, 256, 256, 512)  # the seed design's head Conv/C3 channels, in row order
+# The YOLOv7 head's channels at width x1.0 (YOLOv7-tiny's head, whose backbone ends at 128-256-512 as the seed's
+# does): SPPCSPC, P5 lateral, P4 route, ELAN (hidden, out), P4 lateral, P3 route, ELAN, down, ELAN, down, ELAN,
+# and the three RepConv outputs
+V7_HEAD = {"sppcspc": 256, "lateral5": 128, "route4": 128, "elan4": (64, 128), "lateral4": 64, "route3": 64,
+           "elan3": (32, 64), "down3": 128, "elan4_out": (64, 128), "down4": 256, "elan5_out": (128, 256),
+           "out": (128, 256, 512)}
+V7_SEED_HEAD_DEPTH = 2  # YOLOv7-tiny's ELAN: two chained 3x3 convs
+DIALECTS = ("yolov5", "yolov7")
 ANCHORS = [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]  # P3/8..P5/32
 MAX_DEPTH, MAX_WIDTH, MAX_HEAD_DEPTH = 64, 4096, 16
 
@@ -80,6 +93,7 @@ class Arch:
     head_width: float = 1.0
     head_depth: int = 1
     extras: tuple[tuple[str, Any], ...] = field(default=())
+    dialect: str = "yolov5"  # the head and YAML dialect (the space's; not an Optuna param)
 
     def __post_init__(self):
         if len(self.stages) != len(STAGE_NAMES) or not all(isinstance(s, Stage) for s in self.stages):
@@ -89,6 +103,8 @@ class Arch:
         if (isinstance(self.head_depth, bool) or not isinstance(self.head_depth, int)
                 or not 1 <= self.head_depth <= MAX_HEAD_DEPTH):
             raise SpaceConfigError(f"Arch: head_depth={self.head_depth!r} must be an integer in 1..{MAX_HEAD_DEPTH}")
+        if self.dialect not in DIALECTS:
+            raise SpaceConfigError(f"Arch: dialect={self.dialect!r} must be one of {', '.join(DIALECTS)}")
         object.__setattr__(self, "extras", tuple(sorted(dict(self.extras).items())))
 
     def extra(self, name: str, default: Any = None) -> Any:
@@ -96,10 +112,15 @@ class Arch:
 
     @property
     def head_channels(self) -> tuple[int, ...]:
+        """The YOLOv5 head's Conv/C3 channels (SEED_HEAD x head_width, rounded up to multiples of 8)."""
         return tuple(make_divisible(c * self.head_width, 8) for c in SEED_HEAD)
 
+    def _width(self, channels: int) -> int:
+        return make_divisible(channels * self.head_width, 8)
+
     def to_params(self) -> dict[str, Any]:
-        """Optuna params that `from_params` turns back into this Arch (e.g. for `study.enqueue_trial`)."""
+        """Optuna params that `from_params` turns back into this Arch (e.g. for `study.enqueue_trial`); the dialect
+        is the space's, not a param."""
         params: dict[str, Any] = {}
         for name, stage in zip(STAGE_NAMES, self.stages):
             params |= {f"{name}_depth": stage.depth, f"{name}_width": stage.width, f"{name}_se": stage.se}
@@ -118,12 +139,25 @@ class Arch:
     @classmethod
     def from_model_yaml(cls, cfg: dict, space: Space, where: str, *, what: str = "the model") -> Arch:
         """The Arch whose `to_yaml` writes the model YAML `cfg` (a dict, as yaml.safe_load returns it): the inverse
-        of `to_yaml` for a model of the seed's RepVGG-YOLO layout. `where` names the YAML in error messages, `what`
-        names it in the fix ("give the baseline as Arch params instead").
+        of `to_yaml` for a model of the seed's RepVGG-YOLO layout under the space's head (YOLOv5's, or YOLOv7's for
+        a `dialect: yolov7` space). `where` names the YAML in error messages, `what` names it in the fix ("give the
+        baseline as Arch params instead").
 
-        Raises SpaceConfigError when `cfg` is not of that layout, when a value lies outside `space`, or when the
-        nearest Arch of the space would write a different model (then give the Arch params instead).
+        Raises SpaceConfigError when `cfg` is not of that layout or not of the space's dialect, when a value lies
+        outside `space`, or when the nearest Arch of the space would write a different model (then give the Arch
+        params instead).
         """
+        from space.builder import dialect_of
+        from space.errors import ModelConfigError
+
+        try:
+            found = dialect_of(cfg, where) if isinstance(cfg, dict) else space.dialect
+        except ModelConfigError as err:
+            raise SpaceConfigError(str(err)) from None
+        if found != space.dialect:
+            raise SpaceConfigError(f"{where}: a {found} model YAML, but the space {space.source} writes "
+                                   f"{space.dialect} models; give {what} as a model of this space, or search a space "
+                                   f"with `dialect: {found}`")
         try:
             rows, params = cfg["backbone"], {}
             k = 0
@@ -136,10 +170,16 @@ class Arch:
                 params |= {f"{name}_depth": depth, f"{name}_width": args[0], f"{name}_se": se}
                 k += 1
             head = cfg["head"]
-            widths = [w for w in space.head_width if make_divisible(SEED_HEAD[0] * w, 8) == head[0][3][0]]
-            params |= {"head_width": widths[0] if widths else head[0][3][0] / SEED_HEAD[0], "head_depth": head[3][1]}
+            if space.dialect == "yolov7":  # SPPCSPC first; the first ELAN joins its 3x3 convs and two 1x1 convs
+                seed_first = V7_HEAD["sppcspc"]
+                depth = next(len(row[0]) - 2 for row in head if row[2] == "Concat" and len(row[0]) > 2)
+            else:
+                seed_first, depth = SEED_HEAD[0], head[3][1]
+            first = head[0][3][0]
+            widths = [w for w in space.head_width if make_divisible(seed_first * w, 8) == first]
+            params |= {"head_width": widths[0] if widths else first / seed_first, "head_depth": depth}
             arch = cls.from_params(params, space)
-        except (KeyError, IndexError, TypeError) as err:
+        except (KeyError, IndexError, TypeError, StopIteration) as err:
             raise SpaceConfigError(f"{where}: not a model YAML of the RepVGG-YOLO layout ({err!r})") from None
         written = arch.to_yaml(cfg.get("nc", 80))
         if [written["backbone"], written["head"]] != [cfg["backbone"], cfg["head"]]:
@@ -158,7 +198,12 @@ class Arch:
             if stage.depth > 1:
                 backbone.append([-1, stage.depth - 1, "RepVGGBlock", [stage.width, 3, 1, *tail]])
             outputs[name] = len(backbone) - 1
-        h, d, b = self.head_channels, self.head_depth, len(backbone)
+        make_head = self._yolov7_head if self.dialect == "yolov7" else self._yolov5_head
+        head, head_comments = make_head(outputs, len(backbone), nc)
+        return backbone, head, comments | head_comments
+
+    def _yolov5_head(self, outputs: dict[str, int], b: int, nc: int | str) -> tuple[list, dict[int, str]]:
+        h, d = self.head_channels, self.head_depth
         up = [-1, 1, "nn.Upsample", ["None", 2, "nearest"]]
         head = [
             [-1, 1, "Conv", [h[0], 1, 1]],                      # b+0: lateral from P5
@@ -177,21 +222,69 @@ class Arch:
             [-1, d, "C3", [h[7], False]],                       # b+13: P5/32 out
             [[b + 7, b + 10, b + 13], 1, "Detect", [nc, "anchors"]],
         ]
-        comments |= {b + 7: "P3/8-small", b + 10: "P4/16-medium", b + 13: "P5/32-large"}
-        return backbone, head, comments
+        return head, {b + 7: "P3/8-small", b + 10: "P4/16-medium", b + 13: "P5/32-large"}
+
+    def _yolov7_head(self, outputs: dict[str, int], b: int, nc: int | str) -> tuple[list, dict[int, str]]:
+        """YOLOv7-tiny's head (cfg/training/yolov7-tiny.yaml rows 29-77) with YOLOv7's SPPCSPC in place of its
+        hand-written SPP, `head_depth` 3x3 convs per ELAN block (YOLOv7-tiny: 2) and RepConv outputs (yolov7.yaml's);
+        activations are YOLOv7's default (SiLU, as in the RepVGG blocks). Rows are YOLOv7's dialect."""
+        head: list[list] = []
+        w, d = self._width, self.head_depth
+
+        def add(row: list) -> int:
+            head.append(row)
+            return b + len(head) - 1
+
+        def elan(hidden: int, out: int) -> int:
+            add([-1, 1, "Conv", [w(hidden), 1, 1]])
+            add([-2, 1, "Conv", [w(hidden), 1, 1]])
+            for _ in range(d):
+                add([-1, 1, "Conv", [w(hidden), 3, 1]])
+            add([list(range(-1, -d - 3, -1)), 1, "Concat", [1]])  # every branch: the 3x3 chain and both 1x1s
+            return add([-1, 1, "Conv", [w(out), 1, 1]])
+
+        def up() -> None:
+            add([-1, 1, "nn.Upsample", ["None", 2, "nearest"]])
+
+        c = V7_HEAD
+        spp = add([-1, 1, "SPPCSPC", [w(c["sppcspc"])]])               # P5 context
+        add([-1, 1, "Conv", [w(c["lateral5"]), 1, 1]])
+        up()
+        add([outputs["P4"], 1, "Conv", [w(c["route4"]), 1, 1]])       # route backbone P4
+        add([[-1, -2], 1, "Concat", [1]])
+        p4_top = elan(*c["elan4"])
+        add([-1, 1, "Conv", [w(c["lateral4"]), 1, 1]])
+        up()
+        add([outputs["P3"], 1, "Conv", [w(c["route3"]), 1, 1]])       # route backbone P3
+        add([[-1, -2], 1, "Concat", [1]])
+        p3 = elan(*c["elan3"])                                          # P3/8
+        add([-1, 1, "Conv", [w(c["down3"]), 3, 2]])
+        add([[-1, p4_top], 1, "Concat", [1]])
+        p4 = elan(*c["elan4_out"])                                      # P4/16
+        add([-1, 1, "Conv", [w(c["down4"]), 3, 2]])
+        add([[-1, spp], 1, "Concat", [1]])
+        p5 = elan(*c["elan5_out"])                                      # P5/32
+        outs = [add([src, 1, "RepConv", [w(ch), 3, 1]]) for src, ch in zip((p3, p4, p5), c["out"])]
+        add([outs, 1, "IDetect", [nc, "anchors"]])
+        return head, dict(zip(outs, ("P3/8-small", "P4/16-medium", "P5/32-large")))
 
     def to_yaml(self, nc: int = 80) -> dict:
-        """The YOLOv5 model YAML (as a dict, as yaml.safe_load would return it) for `nc` classes."""
+        """The model YAML (as a dict, as yaml.safe_load would return it) for `nc` classes: YOLOv5's, or YOLOv7's for
+        a YOLOv7-dialect Arch (its IDetect/SPPCSPC/RepConv rows say so; no `dialect` key is written)."""
         backbone, head, _ = self._rows("nc")
         return {"nc": nc, "depth_multiple": 1.0, "width_multiple": 1.0, "anchors": [list(a) for a in ANCHORS],
                 "backbone": backbone, "head": head}
 
     def to_yaml_text(self, nc: int = 80) -> str:
-        """`to_yaml` as YOLOv5-style text: flow rows with `# index-P3/8` comments and the Arch in the header."""
+        """`to_yaml` as YOLOv5/YOLOv7-style text: flow rows with `# index-P3/8` comments and the Arch in the
+        header."""
         _, _, comments = self._rows("nc")
+        depth = "ELAN depth" if self.dialect == "yolov7" else "C3 depth"
         header = "repnas architecture: " + ", ".join(
             f"{n} d{s.depth} w{s.width}{' se' if s.se else ''}" for n, s in zip(STAGE_NAMES, self.stages)
-        ) + f"; head width x{self.head_width:g}, C3 depth {self.head_depth}"
+        ) + f"; head width x{self.head_width:g}, {depth} {self.head_depth}"
+        if self.dialect == "yolov7":
+            header += "\nYOLOv7's dialect (models/yolo.py): RepVGG backbone, YOLOv7-tiny-style ELAN head, IDetect"
         if self.extras:
             header += "\noptions: " + ", ".join(f"{k}={v}" for k, v in self.extras)
         return format_model_yaml(self.to_yaml(nc), header=header, comments=comments)
@@ -249,6 +342,7 @@ class Space:
     max_gflops: float | None = None
     extras: tuple[ExtraDim, ...] = ()
     source: str = "<space>"
+    dialect: str = "yolov5"  # the head its Archs carry and the model YAML they write: yolov5 or yolov7
 
     def budget_violation(self, params: int, gflops: float) -> str | None:
         """Why deploy `params`/`gflops` break this space's budgets, or None when within them."""
@@ -328,7 +422,7 @@ def _extra(where: str, name: str, spec: Any) -> ExtraDim:
 
 
 _RESERVED = (*(f"{n}_{k}" for n in STAGE_NAMES for k in ("depth", "width", "se")), "head_width", "head_depth")
-_SPACE_KEYS = ("imgsz", "nc", "stages", "head", "budgets", "extras")
+_SPACE_KEYS = ("imgsz", "nc", "stages", "head", "budgets", "extras", "dialect")
 
 
 def parse_space(data: Any, where: str = "<space dict>") -> Space:
@@ -344,6 +438,10 @@ def parse_space(data: Any, where: str = "<space dict>") -> Space:
     nc = data.get("nc", 80)
     if isinstance(nc, bool) or not isinstance(nc, int) or nc < 1:
         raise _fail(where, "nc", nc, "must be a positive integer (classes assumed for cost checks)")
+    dialect = data.get("dialect", "yolov5")
+    if dialect not in DIALECTS:
+        raise _fail(where, "dialect", dialect, f"must be one of {', '.join(DIALECTS)} (the head: YOLOv5's PANet with "
+                                               "C3s, or a YOLOv7-tiny-style ELAN head with IDetect)")
     stages = data.get("stages")
     if not isinstance(stages, dict) or list(stages) != list(STAGE_NAMES):
         raise _fail(where, "stages", list(stages) if isinstance(stages, dict) else stages,
@@ -369,7 +467,8 @@ def parse_space(data: Any, where: str = "<space dict>") -> Space:
         stage_spaces.append(StageSpace(name, depth, width, tuple(se_items)))
     head = data.get("head", {"width": [1.0], "depth": [1]})
     if not isinstance(head, dict) or set(head) - {"width", "depth"}:
-        raise _fail(where, "head", head, "must be a mapping with width (factors) and depth (C3 bottlenecks)")
+        raise _fail(where, "head", head, "must be a mapping with width (factors) and depth (C3 bottlenecks, or 3x3 "
+                                         "convs per ELAN block with dialect: yolov7)")
     hw_raw = head.get("width", [1.0])
     hw_items = hw_raw if isinstance(hw_raw, list) else [hw_raw]
     if not hw_items or not all(
@@ -392,7 +491,7 @@ def parse_space(data: Any, where: str = "<space dict>") -> Space:
         imgsz=imgsz, nc=nc,
         max_params=None if budgets.get("max_params") is None else int(budgets["max_params"]),
         max_gflops=None if budgets.get("max_gflops") is None else float(budgets["max_gflops"]),
-        extras=tuple(_extra(where, str(k), v) for k, v in extras.items()), source=where,
+        extras=tuple(_extra(where, str(k), v) for k, v in extras.items()), source=where, dialect=dialect,
     )
 
 
@@ -401,7 +500,7 @@ def smallest_arch(space: Space) -> Arch:
     shallowest head (cost grows with each of these, so no Arch of the space is cheaper)."""
     stages = tuple(Stage(min(st.depth), min(st.width), se=False not in st.se) for st in space.stages)
     return Arch(stages, min(space.head_width), min(space.head_depth),
-                tuple((dim.name, dim.default) for dim in space.extras))
+                tuple((dim.name, dim.default) for dim in space.extras), space.dialect)
 
 
 def _check_budgets_reachable(space: Space) -> None:
@@ -504,7 +603,7 @@ def _choose(space: Space, chooser: _Chooser) -> Arch:
         foreign = sorted(unused - fixed)
         if foreign:
             raise SpaceConfigError(f"{chooser.where}: params {foreign} are not dimensions of this space")
-    return Arch(tuple(stages), float(head_width), head_depth, extras)
+    return Arch(tuple(stages), float(head_width), head_depth, extras, space.dialect)
 
 
 def sample_arch(trial: Trial, space: Space) -> Arch:
@@ -515,11 +614,16 @@ def sample_arch(trial: Trial, space: Space) -> Arch:
 
 def seed_arch(space: Space | None = None) -> Arch:
     """The hand design of ../shared/reference/seed_model.yaml (stage depths 1-2-4-14-1, widths 64-64-128-256-512,
-    no SE, the seed head); extras take their defaults. Raises if `space` does not contain it."""
+    no SE, the seed head); extras take their defaults. Raises if `space` does not contain it.
+
+    For a `dialect: yolov7` space, its equivalent there: the same backbone under the YOLOv7 head at its reference
+    setting, YOLOv7-tiny's (width x1.0, two 3x3 convs per ELAN block; that head reads the same 128-256-512 P3-P5
+    widths as the seed's)."""
+    dialect = space.dialect if space is not None else "yolov5"
     arch = Arch(
         stages=(Stage(1, 64), Stage(2, 64), Stage(4, 128), Stage(14, 256), Stage(1, 512)),
-        head_width=1.0, head_depth=1,
-        extras=tuple((dim.name, dim.default) for dim in (space.extras if space else ())),
+        head_width=1.0, head_depth=V7_SEED_HEAD_DEPTH if dialect == "yolov7" else 1,
+        extras=tuple((dim.name, dim.default) for dim in (space.extras if space else ())), dialect=dialect,
     )
     if space is not None:
         try:

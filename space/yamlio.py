@@ -1,4 +1,4 @@
-"""Guarded YAML reading and YOLOv5-style YAML writing.
+"""Guarded YAML reading and YOLOv5/YOLOv7-style YAML writing.
 
 Reading never evaluates anything (PyYAML's safe loader) and fails fast on hostile input: the file size, the
 size of the document once aliases are expanded, its nesting depth, recursive aliases, over-long numbers and
@@ -8,6 +8,7 @@ it goes.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +134,11 @@ def read_yaml(path: str | Path, error: type[ConfigError] = ConfigError) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Writing model YAMLs the way YOLOv5's own files look: flow-style rows, stride comments.
+# Writing model YAMLs the way YOLOv5's and YOLOv7's own files look: flow-style rows, stride comments, activations
+# written as YOLOv7 writes them (`nn.LeakyReLU(0.1)`, a plain YAML string).
 
 _BARE_STRINGS = {"None", "nc", "anchors"}  # names YOLOv5 resolves; written unquoted as in its YAMLs
+_BARE_ACTIVATION = re.compile(r"^nn\.[A-Za-z][A-Za-z0-9]*\([-+0-9.eE]*\)$")  # YOLOv7's per-row nn.LeakyReLU(0.1)
 
 
 def _scalar(value: Any) -> str:
@@ -146,7 +149,7 @@ def _scalar(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        if value in _BARE_STRINGS:
+        if value in _BARE_STRINGS or _BARE_ACTIVATION.match(value):
             return value
         return "'" + value.replace("'", "''") + "'"
     if isinstance(value, (list, tuple)):

@@ -426,7 +426,7 @@ def show_study(name: str, *, storage: str | None = None, results: str = "results
         lines.append("  measured ms: the trial's own median latency; objective ms: its ratio to the baseline x the "
                      "frozen baseline latency (what the front is ranked on); GFLOPs: deployed, at the latency input "
                      "size; arch: d = blocks per stage P1..P5, w = their channels, se = squeeze-excitation (+/-), "
-                     "h = head width x C3 depth")
+                     "h = head width x C3 depth (ELAN depth in a yolov7 space)")
         lines += _confirm_lines(study)
     else:
         lines.append("Pareto front: no finished trial yet")
