@@ -110,6 +110,20 @@ def count(text: str) -> int:
     return value
 
 
+def latency_ratio(text: str) -> float:
+    """A latency ratio in (0, 1) written '0.6x' (nas.prune.LatencyTarget's ratio form)."""
+    from nas.prune import LatencyTarget
+
+    try:
+        target = LatencyTarget.parse(text)
+    except RepnasError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if target.ratio is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: the search prunes each candidate to a ratio of its own measured "
+                                         "latency, e.g. '0.6x' (an absolute time is for `repnas prune`)")
+    return target.ratio
+
+
 def imgsz(text: str) -> int:
     """An input side in pixels: a multiple of STRIDE up to MAX_IMGSZ."""
     value = positive_int(text)
@@ -237,6 +251,9 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune-to", type=fraction, metavar="FRACTION",
                    help="prune each candidate's fused model to this share of its deploy FLOPs, fine-tune it and "
                         "rank the pruned model (a space's `prune_fraction` extra makes it a search dimension)")
+    p.add_argument("--prune-to-latency", type=latency_ratio, metavar="RATIOx",
+                   help="prune each candidate to this share of its own measured latency ('0.6x': the FLOPs fraction "
+                        "searched on measurements, as `repnas prune --target-latency`), fine-tune it and rank it")
     p.add_argument("--prune-finetune-epochs", type=nonneg_int, metavar="K",
                    help="fine-tuning epochs after pruning in the search (default: proxy epochs / 5)")
     p.add_argument("--workers", type=positive_int, default=None,
@@ -338,8 +355,8 @@ def study_settings(args: argparse.Namespace):
         max_failures=args.max_failures, max_latency_ms=args.max_latency_ms, max_latency_ratio=args.max_latency_ratio,
         early_stop=None if args.early_stop is None else {"enabled": args.early_stop},
         keep_weights=args.keep_weights, artifacts=args.artifacts, stale_after=args.stale_after,
-        prune_to=args.prune_to, prune_finetune_epochs=args.prune_finetune_epochs, results=args.results,
-        quiet=args.quiet,
+        prune_to=args.prune_to, prune_to_latency=args.prune_to_latency,
+        prune_finetune_epochs=args.prune_finetune_epochs, results=args.results, quiet=args.quiet,
     )
 
 

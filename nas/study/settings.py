@@ -63,7 +63,9 @@ class StudySettings:
     slower Archs before training. `keep_weights` k: keep weights only for the front and the top-k by mAP.
     `artifacts`: the shared folder holding trial folders (DIR/NAME/N; None: results/NAME/trials/N). `stale_after`:
     seconds without a heartbeat after which a RUNNING trial of another host is taken for dead. `prune_to`: prune
-    each candidate's fused model to this deploy-FLOPs fraction and rank that. Raises StudyError on a bad value.
+    each candidate's fused model to this deploy-FLOPs fraction and rank that. `prune_to_latency` r (0 < r < 1): prune
+    each candidate to r x its own measured latency (`pruning.latency_target`) and rank that. Raises StudyError on a
+    bad value.
     """
 
     name: str = "default"
@@ -87,6 +89,7 @@ class StudySettings:
     artifacts: str | None = None
     stale_after: float | None = None
     prune_to: float | None = None
+    prune_to_latency: float | None = None  # a ratio of each candidate's own measured latency (0.6: "0.6x")
     prune_finetune_epochs: int | None = None  # fine-tuning epochs after pruning (None: ceil(proxy epochs / 5))
     workers: int | None = None  # worker processes on one machine: stored as a resume's default, never frozen
     results: str = "results"  # root folder of study folders
@@ -106,6 +109,12 @@ class StudySettings:
                 raise StudyError(f"{key}={value!r} must be an integer >= 0")
         if self.prune_to is not None and not (isinstance(self.prune_to, (int, float)) and 0.01 <= self.prune_to <= 1):
             raise StudyError(f"prune_to={self.prune_to!r} must be a deploy-FLOPs fraction in [0.01, 1] (1: no pruning)")
+        if self.prune_to_latency is not None and not (isinstance(self.prune_to_latency, (int, float))
+                                                      and 0 < self.prune_to_latency < 1):
+            raise StudyError(f"prune_to_latency={self.prune_to_latency!r} must be a latency ratio in (0, 1), e.g. 0.6")
+        if self.prune_to_latency is not None and self.prune_to is not None and self.prune_to < 1:
+            raise StudyError("give one pruning target: --prune-to (a FLOPs fraction) or --prune-to-latency (a "
+                             "latency ratio), not both")
         if self.stale_after is not None and isinstance(self.stale_after, (int, float)) and \
                 self.stale_after < 3 * HEARTBEAT_S:
             raise StudyError(f"stale_after={self.stale_after!r} must be at least {3 * HEARTBEAT_S:g} s (3 heartbeats): "
@@ -136,7 +145,7 @@ DEFAULTS: dict[str, Any] = {"space": "default", "trials": 20, "seed": 0, "sample
                             "stale_after": 600.0}
 # Changing these mid-study would make trials incomparable (or scatter their files): refused on resume.
 FROZEN = ("data", "space", "latency_imgsz", "latency_batch", "proxy", "latency", "baseline", "device", "artifacts",
-          "prune_to", "prune_finetune_epochs")
+          "prune_to", "prune_to_latency", "prune_finetune_epochs")
 STORED = tuple(f.name for f in fields(StudySettings) if f.name not in ("name", "storage", "results", "quiet"))
 # Settings that are not proxy fields however they are passed: the device is its own setting, quiet is the console's.
 _NOT_PROXY = ("device", "quiet")

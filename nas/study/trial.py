@@ -61,6 +61,8 @@ from nas.study.attrs import (
     PROXY_KEY,
     PRUNE_FRACTION_KEY,
     PRUNE_KEY,
+    PRUNE_LATENCY_SEARCH_KEY,
+    PRUNE_LATENCY_TARGET_KEY,
     PRUNED_REASON_KEY,
     REASON_DUPLICATE,
     REASON_EARLY_STOP,
@@ -208,18 +210,40 @@ def phase_cost(rec: TrialRecorder, c: Candidate, space: Space) -> None:
     c.params, c.gflops_deploy = c.cost.params_deploy, c.cost.gflops_deploy
 
 
-def phase_prune_probe(rec: TrialRecorder, c: Candidate, space: Space, prune_to: float | None) -> None:
+def phase_prune_probe(rec: TrialRecorder, c: Candidate, space: Space, prune_to: float | None,
+                      prune_to_latency: float | None = None, settings: StudySettings | None = None) -> None:
     """For --prune-to (or a space's prune_fraction): prune the untrained fused net to learn the pruned shapes.
 
     Channel counts per group follow the uniform ratio, not the weights: pruning the untrained network gives the
     final shapes, so the pruned model's cost and latency are known before training (checked after). The baseline
-    is never pruned.
+    is never pruned. For --prune-to-latency r the fraction is searched on measurements instead
+    (`pruning.latency_target.prune_to_latency`, each candidate timed as the study times, interleaved with the
+    unpruned network): latency does not depend on the weights either. A candidate that cannot reach r is rejected
+    with the reason (not trained, not counted).
     """
-    fraction = c.arch.extra("prune_fraction", prune_to)
-    if c.baseline or fraction is None or float(fraction) >= 1:
-        return
+    if prune_to_latency is not None and not c.baseline:
+        from pruning.channel import PruneError
+        from pruning.latency_target import prune_to_latency as search
+
+        unpruned = c.deployed
+
+        def time_ratio(candidate: torch.nn.Module) -> float:
+            return time_latency(candidate, settings, unpruned).latency_ratio
+
+        try:
+            found = search(unpruned, prune_to_latency, time_ratio, c.imgsz,
+                           progress=lambda line: rec.progress("prune", line))
+        except PruneError as err:
+            _reject(rec, "latency_target", 1.0, str(err))
+        rec.set(PRUNE_LATENCY_TARGET_KEY, prune_to_latency)
+        rec.set(PRUNE_LATENCY_SEARCH_KEY, [list(e) for e in found.evaluations])
+        fraction, c.probe = found.result.flops_ratio, found.result
+    else:
+        fraction = c.arch.extra("prune_fraction", prune_to)
+        if c.baseline or fraction is None or float(fraction) >= 1:
+            return
+        c.probe = prune_to_flops(c.deployed, float(fraction), c.imgsz)
     c.fraction = float(fraction)
-    c.probe = prune_to_flops(c.deployed, c.fraction, c.imgsz)
     c.deployed = c.probe.model
     rec.set(PRUNE_FRACTION_KEY, c.fraction)
     rec.set(PARAMS_UNPRUNED_KEY, c.cost.params_deploy)
@@ -285,11 +309,19 @@ def phase_latency_budgets(rec: TrialRecorder, c: Candidate, settings: StudySetti
                 f"latency ratio {ratio:.3f} > max_latency_ratio {settings.max_latency_ratio:g}")
 
 
-def _finished_for_rule(study: optuna.Study, prune_fraction: float | None = None) -> list[Finished]:
-    """COMPLETE trials with a curve; only those pruned to the same fraction (their latency is the pruned one)."""
+def _prune_mode(attrs: dict) -> tuple[str, float | None]:
+    """How a trial's ranked network was pruned: ("latency", ratio) for --prune-to-latency (each trial has its own
+    FLOPs fraction), else ("flops", fraction or None)."""
+    target = attrs.get(PRUNE_LATENCY_TARGET_KEY)
+    return ("latency", target) if target is not None else ("flops", attrs.get(PRUNE_FRACTION_KEY))
+
+
+def _finished_for_rule(study: optuna.Study, mode: tuple[str, float | None] = ("flops", None)) -> list[Finished]:
+    """COMPLETE trials with a curve; only those pruned the same way (`_prune_mode`: their latency is the pruned
+    one)."""
     out = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if t.user_attrs.get(PRUNE_FRACTION_KEY) != prune_fraction:
+        if _prune_mode(t.user_attrs) != mode:
             continue
         latency = t.user_attrs.get(LATENCY_MS_KEY)
         if latency is not None and t.user_attrs.get(CURVE_KEY):
@@ -318,7 +350,8 @@ def phase_train(rec: TrialRecorder, c: Candidate, settings: StudySettings, data_
         rec.set(CURVE_KEY, c.curve)
         best = max(row[1] for row in c.curve)  # the rule credits the trial with its best validation so far
         if not c.baseline:
-            finished = _finished_for_rule(rec.trial.study, rec.get(PRUNE_FRACTION_KEY))
+            mode = _prune_mode({k: rec.get(k) for k in (PRUNE_FRACTION_KEY, PRUNE_LATENCY_TARGET_KEY)})
+            finished = _finished_for_rule(rec.trial.study, mode)
             c.stop_reason = should_stop(epoch, best, c.latency_ms, c.cfg.epochs, finished, rule)
         return bool(c.stop_reason)
 
@@ -460,7 +493,7 @@ def run_trial(trial: optuna.Trial, settings: StudySettings, space: Space, data_c
     with rec.phase("build"):
         phase_build(rec, c, space, data_cfg.nc, proxy_config(settings).seed)
         phase_cost(rec, c, space)
-        phase_prune_probe(rec, c, space, settings.prune_to)
+        phase_prune_probe(rec, c, space, settings.prune_to, settings.prune_to_latency, settings)
         phase_budget(rec, c, space)
     with rec.phase("latency"):
         phase_latency(rec, c, settings, baseline_fused)

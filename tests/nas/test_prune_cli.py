@@ -272,3 +272,38 @@ def test_prune_takes_one_target_and_a_bad_latency_target_exits_2(study, tmp_path
     with pytest.raises(SystemExit) as exit_:
         main(["prune", "tiny:0", "--target-latency", "0.5x", "--target-flops", "50%"])
     assert exit_.value.code == 2
+
+
+def test_search_with_prune_to_latency_ranks_each_candidate_pruned_to_its_latency_target(settings, tmp_path,
+                                                                                       monkeypatch):
+    import nas.study.trial as trial_mod
+    from nas.latency import Latency
+    from space.cost import count_gflops
+
+    def affine(network, study_settings, reference):  # ratio = 0.2 + 0.8 x FLOPs ratio: exact, machine-independent
+        ratio = 0.2 + 0.8 * count_gflops(network, 64) / count_gflops(reference, 64)
+        return Latency(ratio, ratio, ratio, 0.0, 1, (64, 64), 1, "float32", {"type": "cpu", "name": "fake",
+                       "threads": 1}, reference_median_ms=1.0, latency_ratio=ratio)
+
+    monkeypatch.setattr(trial_mod, "time_latency", affine)
+    study = run_search(replace(settings, trials=2, prune_to_latency=0.6, prune_finetune_epochs=1,
+                               space=str(_wide_space(tmp_path)), baseline=str(tmp_path / "wide-base.yaml")))
+    pruned = [t for t in study.trials if t.user_attrs.get("prune_latency_target")]
+    assert pruned and not study.trials[0].user_attrs.get("prune_fraction")  # the baseline stays as designed
+    for t in pruned:
+        a = t.user_attrs
+        assert a["prune_latency_target"] == 0.6 and a["prune_latency_search"]
+        assert abs(a["prune_latency_search"][-1][2] / 0.6 - 1) <= 0.015 or len(a["prune_latency_search"]) == 8
+        # with 20% overhead, 0.6x of a candidate's latency is half its FLOPs, not 0.6 of them
+        assert a["prune_fraction"] == pytest.approx(0.5, abs=0.05)
+        assert a["gflops_deploy"] == pytest.approx(a["prune_fraction"] * a["gflops_deploy_unpruned"], rel=0.02)
+        assert {"pruned/channels.json", "pruned/weights.pt"} <= set(a["files"])
+
+
+def test_search_takes_one_pruning_target_and_a_latency_ratio(settings, tmp_path, capsys):
+    assert main(["search", "--study", "x", "--prune-to", "0.5", "--prune-to-latency", "0.6x", "--quiet"]) == 2
+    assert "give one pruning target" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", "--study", "x", "--prune-to-latency", "35ms"])
+    assert exit_.value.code == 2
+    assert "a ratio of its own measured latency" in capsys.readouterr().err
