@@ -1,6 +1,7 @@
 """Pruning to a measured latency target (`repnas prune --target-latency`): time to reach it and an independent check.
 
     python benchmarks/prune_latency.py [--sizes 320 640] [--target 0.6] [--threads 2] [--repeats 3] [--device cpu]
+                                      [--backend torch|onnxruntime|cudagraph]
 
 For each input size: the seed model (../shared/reference/seed_model.yaml, nc=80, random weights: latency does
 not depend on them) fused, then `nas.prune.prune_job(..., target_latency="0.6x")` as the CLI runs it without data
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from nas.device import resolve_device
-from nas.latency import device_info
+from nas.latency import LatencyConfig, device_info
 from nas.prune import prune_job
 from pruning.reparam import fuse_model
 from space.builder import build_model
@@ -39,13 +40,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for pruning and timing")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backend", help="latency backend (default: the device's, LatencyConfig.for_device)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
     torch.manual_seed(0)
     model = fuse_model(build_model(args.model, nc=80)).eval()
     info = device_info(dev, args.threads if dev.type == "cpu" else None)
-    print(f"device {info.get('name')} ({dev}), {args.threads} threads; target {args.target}x; "
+    cfg = LatencyConfig.for_device(dev, **({"backend": args.backend} if args.backend else {}))
+    print(f"device {info.get('name')} ({dev}), {args.threads} threads; target {args.target}x; backend {cfg.backend}; "
           f"torch {torch.__version__}")
     print(f"{'imgsz':>5} {'rep':>3} {'cands':>5} {'FLOPs':>6} {'search':>7} {'check (3 runs)':>22} {'median':>7} "
           f"{'error':>7} {'within':>6} {'seconds':>8}")
@@ -54,7 +57,8 @@ def main() -> None:
         for rep in range(args.repeats):
             start = time.perf_counter()
             report = prune_job(model, None, None, target_latency=f"{args.target}x", imgsz=imgsz, importance="l2",
-                               device=str(dev), evaluate_before=False, measure=False, progress=lambda line: None)
+                               device=str(dev), evaluate_before=False, measure=False, latency=cfg,
+                               progress=lambda line: None)
             took = time.perf_counter() - start
             lt = report.latency_target
             seconds.append(took)

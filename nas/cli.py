@@ -473,6 +473,47 @@ class ExportModel(Command, name="export-model", help="export a fused or pruned m
         return 0
 
 
+class YOLOv5Bridge(Command, name="yolov5-bridge", help="YOLOv5 checkpoints both ways: print the converter script, or "
+                                                        "export a model for it"):
+    """With no SOURCE: print the standalone converter (`repnas yolov5-bridge > bridge.py`) that runs in your YOLOv5
+    environment: a bundle -> YOLOv5 checkpoints (train-time, or YOLOv5's fused form), a YOLOv5 checkpoint ->
+    model.yaml + weights.pt that val, prune, latency and export-model read. With SOURCE: write its bundle into --out
+    (model.yaml, the train-time and fused state_dicts, a check output, bridge.json and the script itself)."""
+
+    def add_arguments(self, p):
+        p.add_argument("source", metavar="SOURCE", nargs="?",
+                       help="STUDY:TRIAL (e.g. default:3), a trial or `repnas train` folder, a pruned-model folder, or "
+                            "MODEL.yaml with --weights; omit it to print the script")
+        p.add_argument("--weights", help="state_dict for a MODEL.yaml source (train-time or fused)")
+        p.add_argument("--out", metavar="DIR", help="the bundle folder to write (with SOURCE)")
+        p.add_argument("--data", help="data.yaml for the class names (default: the data the model was trained on)")
+        arg.add_study_location(p)
+
+    def take_action(self, args):
+        from nas.yolov5 import bridge_script, export_bundle
+
+        if args.source is None:
+            if args.out or args.weights or args.data:
+                raise arg.UsageError("--out, --weights and --data go with a SOURCE to export; without one the command "
+                                     "prints the bridge script (repnas yolov5-bridge > bridge.py)")
+            sys.stdout.write(bridge_script())
+            return 0
+        if not args.out:
+            raise arg.UsageError(f"{args.source}: give --out DIR, the bundle folder to write")
+        bundle = export_bundle(args.source, args.out, weights=args.weights, data=args.data, results=args.results,
+                               storage=args.storage)
+        forms = ", ".join(f"{form} weights {name}" for form, name in bundle.forms.items() if name)
+        print(f"wrote {bundle.folder}: {bundle.description}, nc={bundle.nc} ({', '.join(bundle.names[:5])}"
+              f"{', ...' if bundle.nc > 5 else ''}); {forms}{'; pruned: explicit widths' if bundle.pruned else ''}")
+        for note in bundle.notes:
+            print(f"note: {note}", file=sys.stderr)
+        steps = [f"python bridge.py to-yolov5 {bundle.folder} --deploy --out repnas-deploy.pt   # val/detect/export"]
+        if bundle.forms["train"]:
+            steps.insert(0, f"python bridge.py to-yolov5 {bundle.folder} --out repnas.pt   # train.py --weights")
+        print("in your YOLOv5 checkout (bridge.py is in the bundle too):\n  " + "\n  ".join(steps))
+        return 0
+
+
 class Clean(Command, name="clean", help="delete weights off the front and the top-k"):
     """Delete the weight files of trials that are neither on the Pareto front nor in the top-K by mAP50-95."""
 
@@ -618,7 +659,7 @@ class Dashboard(Command, name="dashboard", help="serve a study in optuna-dashboa
 
 
 COMMANDS: tuple[type[Command], ...] = (Build, SpaceGroup, Train, Val, Latency, DataGroup, Search, Resume, Confirm,
-                                       Relatency, Prune, ExportModel, Clean, Show, Export, Dashboard)
+                                       Relatency, Prune, ExportModel, YOLOv5Bridge, Clean, Show, Export, Dashboard)
 
 
 def _add_commands(parser: arg.Parser, commands: Sequence[type[Command]], dest: str, metavar: str) -> None:

@@ -70,7 +70,9 @@ class LatencyConfig:
     @classmethod
     def for_device(cls, device: torch.device, **changes) -> LatencyConfig:
         """The defaults for `device`: on CUDA the `cudagraph` backend (eager PyTorch at batch 1 on a fast GPU mostly
-        times kernel launches); on a CPU fewer iterations, where one forward pass takes 100x longer."""
+        times kernel launches); on a CPU eager `torch` (it ranked 12 Archs as ONNX Runtime does, Kendall τ-b 0.94 and
+        the same front: benchmarks/RESULTS.md "Latency backends on a CPU") with fewer iterations, where one forward
+        pass takes 100x longer."""
         base = {"backend": "cudagraph"} if device.type == "cuda" else {"warmup": 3, "iters": 30}
         return cls(**(base | changes))
 
@@ -409,7 +411,7 @@ class _OrtRunner(Runner):
 class OnnxRuntimeBackend(LatencyBackend):
     """ONNX Runtime's CPU execution provider on the network exported by `nas.onnx_export.export_onnx` (into a
     temporary folder, removed once the session is built): all graph optimisations, `cfg.threads` intra-op threads
-    (None: torch's count), one inter-op thread, sequential execution. Needs the `onnx` extra."""
+    (None: torch's count), one inter-op thread, sequential execution, no spin-waiting between runs."""
 
     name, device_types, summary = "onnxruntime", ("cpu",), "ONNX Runtime, CPU execution provider"
 
@@ -437,6 +439,9 @@ class OnnxRuntimeBackend(LatencyBackend):
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # no spin-waiting between runs: the candidate's and the reference's sessions alternate, and one's spinning
+        # pool would steal the cores the other runs on (measured: p90/median 1.5-2.1 spinning, 1.05-1.26 not)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         with tempfile.TemporaryDirectory(prefix="repnas-latency-") as tmp:
             path = Path(tmp) / "model.onnx"
             export_onnx(model, path, tuple(x.shape[-2:]), check=False)

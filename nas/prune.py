@@ -343,6 +343,7 @@ def _prune_to_latency(source: nn.Module, target: str | LatencyTarget, imgsz: int
     say(f"chose {found.fraction:.3f} of the deploy FLOPs: measured ratio {found.ratio:.3f} ({found.error:+.1%}) after "
         f"{len(found.evaluations)} timed candidates ({time.perf_counter() - start:.1f} s)")
     record = {"target": goal.text, "target_ratio": ratio, "fraction": found.fraction, "search_ratio": found.ratio,
+              "fitted_ratio": found.fitted,
               "evaluations": [list(e) for e in found.evaluations], "seconds": time.perf_counter() - start}
     return found.result, record
 

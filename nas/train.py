@@ -46,6 +46,25 @@ class TrainingDiverged(RepnasError):
 
 
 MAX_BAD_STEPS = 5  # consecutive optimizer steps with non-finite gradients before training gives up
+AMP_SCALE_FLOOR = 1.0  # with AMP, a non-finite step while the loss scale is above this is the scaler calibrating
+
+
+def counts_as_divergence(finite: bool, amp: bool, scale_before: float | None, scale_after: float | None) -> bool:
+    """Whether one optimizer step's gradients count toward the MAX_BAD_STEPS non-finite steps in a row.
+
+    `finite`: the step's unscaled gradient norm was finite. `amp`: the step ran with a GradScaler (AMP on CUDA);
+    `scale_before`/`scale_after`: its loss scale before `scaler.step` and after `scaler.update` (None without AMP).
+    A finite step never counts. Without AMP every non-finite step counts. With AMP a non-finite step is the scaler
+    calibrating (torch.amp.GradScaler starts at 2**16 and halves its scale on each step whose scaled fp16 gradients
+    overflow, skipping that step: torch's AMP recipe, which YOLOv5's train.py follows) when this step lowered the
+    scale and the scale was still above AMP_SCALE_FLOOR; such a step does not count. Gradients that stay non-finite
+    once the scale is at the floor (no headroom left for the scaler to take away) count: that is divergence.
+    """
+    if finite:
+        return False
+    if not amp or scale_before is None or scale_after is None:
+        return True
+    return not (scale_after < scale_before and scale_before > AMP_SCALE_FLOOR)
 
 
 EpochCallback = Callable[[int, dict, float, float], "bool | None"]  # (epoch, losses, map50_95, map50) -> stop?
@@ -133,7 +152,8 @@ class FitResult:
     stopped_early: bool
 
 
-EPOCH_COLUMNS = ("epoch", "box", "obj", "cls", "lr", "map50_95", "map50", "train_seconds", "skipped_steps")
+EPOCH_COLUMNS = ("epoch", "box", "obj", "cls", "lr", "map50_95", "map50", "train_seconds", "skipped_steps",
+                 "grad_scale")
 
 
 def epochs_csv(history: list[dict]) -> str:
@@ -212,7 +232,11 @@ def epoch_line(record: dict, epochs: int) -> str:
             f"cls {record['cls']:.4f}, {record['train_seconds']:.1f} s")
     if record.get("map50_95") is not None:
         line += f"; mAP50-95 {record['map50_95']:.4f} mAP50 {record['map50']:.4f}"
-    return line + (f" ({record['skipped_steps']} steps skipped so far)" if record.get("skipped_steps") else "")
+    if not record.get("skipped_steps"):
+        return line
+    calibration = record.get("calibration_steps")
+    return line + (f" ({record['skipped_steps']} steps skipped so far"
+                   + (f", {calibration} of them AMP's loss scale calibrating)" if calibration else ")"))
 
 
 def subset_records(records: Sequence, fraction: float, seed: int) -> list:
@@ -239,10 +263,13 @@ def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = Prox
     batches while stderr is a terminal; a caller that gives `progress`, e.g. a search worker, gets lines only).
 
     Returns a FitResult: `model` (the same object, EMA weights loaded, eval mode, on the device), `history` (one
-    dict per epoch with EPOCH_COLUMNS; mAP None where not validated), `metrics` (the last evaluation), `seconds`
-    (wall time), `stopped_early`. Raises RepnasError when the model's nc differs from the data's, TrainingDiverged
-    on a non-finite loss or MAX_BAD_STEPS non-finite gradient steps in a row, DataError for unusable data, and the
-    device errors of `nas.device.resolve_device`.
+    dict per epoch with EPOCH_COLUMNS and `calibration_steps`: mAP None where not validated; `skipped_steps` counts
+    every step skipped for non-finite gradients so far, `calibration_steps` those of them that were AMP's loss
+    scaler calibrating, `grad_scale` the scaler's scale at the epoch's end, None without AMP), `metrics` (the last
+    evaluation), `seconds` (wall time), `stopped_early`. Raises RepnasError when the model's nc differs from the
+    data's, TrainingDiverged on a non-finite loss or MAX_BAD_STEPS non-finite gradient steps in a row (AMP's
+    calibration steps not counted: `counts_as_divergence`), DataError for unusable data, and the device errors of
+    `nas.device.resolve_device`.
     """
     start = time.perf_counter()
     seed_everything(cfg.seed)
@@ -289,7 +316,7 @@ def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = Prox
     metrics: Metrics | None = None
     stopped = False
     last_step = -1
-    bad_steps = skipped = 0
+    bad_steps = skipped = calibrating = 0
     for epoch in range(cfg.epochs):
         model.train()
         epoch_start = time.perf_counter()
@@ -321,6 +348,7 @@ def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = Prox
                     scaler.unscale_(optimizer)
                     norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
                     finite = bool(torch.isfinite(norm))
+                    scale_before = scaler.get_scale() if use_amp and not finite else None
                     if finite or use_amp:  # with AMP the scaler skips a non-finite step itself and lowers its scale
                         scaler.step(optimizer)
                         scaler.update()
@@ -329,8 +357,12 @@ def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = Prox
                         ema.update(model)
                         bad_steps = 0
                     else:  # one inf gradient would turn every weight into NaN: skip the step instead
-                        bad_steps += 1
                         skipped += 1
+                        scale_after = scaler.get_scale() if use_amp else None
+                        if counts_as_divergence(finite, use_amp, scale_before, scale_after):
+                            bad_steps += 1
+                        else:  # AMP's scaler lowered its scale (calibration): the run of bad steps is left as it is
+                            calibrating += 1
                         if bad_steps >= MAX_BAD_STEPS:
                             raise TrainingDiverged(
                                 f"gradients were non-finite for {bad_steps} steps in a row (epoch {epoch + 1}, batch "
@@ -341,6 +373,7 @@ def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = Prox
         scheduler.step()
         losses = dict(zip(("box", "obj", "cls"), (sums / max(batches, 1)).tolist()))
         record = {"epoch": epoch + 1, **losses, "lr": optimizer.param_groups[1]["lr"], "skipped_steps": skipped,
+                  "calibration_steps": calibrating, "grad_scale": scaler.get_scale() if use_amp else None,
                   "train_seconds": time.perf_counter() - epoch_start, "map50_95": None, "map50": None}
         final = epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.val_every == 0 or final:

@@ -4,11 +4,13 @@ is pruned from the unpruned network with importance scores computed once, and ti
 Latency is not a function of FLOPs that can be written down (launch overhead, kernel shapes, the memory system), so
 the fraction is searched on measurements: `time_ratio(pruned)` returns the candidate's latency over the unpruned
 network's, measured interleaved with it (nas.prune builds it on nas.latency.measure_latency; pruning does not
-import nas). The search is a bracketing secant (regula falsi, Illinois variant: Dowell & Jarratt 1971) on
-f -> ratio(f) - target, starting from f = target (latency proportional to FLOPs); before the target is bracketed,
-the next fraction is the secant through the last two too-slow candidates (the unpruned network first). Measured
-ratios are noisy and only roughly monotone, so it keeps the candidate nearest the target and stops within
-`tolerance` or after `max_evals` timings.
+import nas). Starting from f = target (latency proportional to FLOPs), each step fits a line ratio = a + b x f by
+weighted least squares through every measurement so far and the unpruned network's (1, 1) (latency is locally
+affine in FLOPs: an overhead plus a part that scales; the weights favour points near the current estimate), and
+times the fraction where the line meets the target; it stops when the fitted fraction stops moving and the last
+measurement is near the target. A single CPU measurement of a ratio varies by a few percent, and a search that
+stops on the first measurement inside the tolerance keeps a lucky one (the winner's curse); the fit averages them.
+The candidate nearest the fitted fraction is returned.
 
 Importance is computed once, on the unpruned network (`importance_table`: Taylor gradients over the calibration
 batches, or magnitudes), and every candidate reuses it (`TableImportance`): candidates differ only in how many
@@ -43,6 +45,7 @@ from pruning.channel import (
 )
 from space.cost import count_gflops, is_deploy
 
+FRACTION_STEP = 0.01  # the search has converged when the fitted fraction moves less than this
 SEARCH_TOLERANCE = 0.015  # stop when the measured ratio is within 1.5% of the target (the check allows 3%)
 MAX_EVALS = 8  # timed candidates at most
 FLOPS_SLACK = 0.05  # FLOPs tolerance of each candidate's prune: the fraction is a search variable, not a target
@@ -110,6 +113,7 @@ class LatencyTargetResult:
     ratio: float
     evaluations: list[tuple[float, float, float]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    fitted: float | None = None  # the ratio the fit over every measurement predicts for the chosen candidate
 
     @property
     def error(self) -> float:
@@ -162,46 +166,58 @@ def prune_to_latency(model: nn.Module, target_ratio: float, time_ratio: Callable
         return cache[fraction]
 
     floor = _floor_fraction(model, imgsz, round_to, keep)
-    # g(f) = ratio(f) - target grows with f; `hi` (g > 0, too slow) starts at the unpruned network, g(1) = 1 - target
-    lo: tuple[float, float] | None = None
-    hi, hi_prev = (1.0, 1.0 - target_ratio), None
-    last = 0  # which end the latest candidate replaced (+1 hi, -1 lo): Illinois halves the other end's g on repeats
+    points = [(1.0, 1.0)]  # (achieved FLOPs fraction, measured ratio); the unpruned network is ratio 1 by definition
     f = min(max(target_ratio, floor), 0.999)  # first guess: latency proportional to FLOPs
-    best: tuple[float, float] | None = None
+    final = f
     for _ in range(max_evals):
-        _, ratio = evaluate(f)
-        if best is None or abs(ratio / target_ratio - 1) < abs(best[1] / target_ratio - 1):
-            best = (f, ratio)
-        if abs(ratio / target_ratio - 1) <= tolerance:
-            break
-        g = ratio - target_ratio
-        if g > 0:
-            hi_prev, hi = hi, (f, g)
-            if last == 1 and lo is not None:
-                lo = (lo[0], lo[1] / 2)
-            last = 1
-        else:
-            lo = (f, g)
-            if last == -1:
-                hi = (hi[0], hi[1] / 2)
-            last = -1
-        if lo is None:  # not bracketed: the secant through the last two too-slow points, down to the floor
-            if f <= floor + 1e-4:
-                raise PruneError(f"target latency ratio {target_ratio:.3f} cannot be reached: the smallest network "
-                                 f"pruning reaches ({f:.1%} of the deploy FLOPs at imgsz {imgsz}, round_to="
-                                 f"{round_to}) measures {ratio:.3f} of the unpruned latency; raise the target to at "
-                                 f"least {ratio * (1 + tolerance):.2f}x or lower round_to")
-            (f0, g0), (f1, g1) = hi_prev, hi
-            step = g1 * (f1 - f0) / (g1 - g0) if g1 != g0 else f1 * (1 - target_ratio / ratio)
-            f = max(floor, min(f1 - step, f1 * 0.98))
-            continue
-        if hi[0] - lo[0] < 2e-3:  # the bracket is one channel step wide: keep the nearest
-            break
-        nxt = lo[0] + (hi[0] - lo[0]) * (-lo[1]) / (hi[1] - lo[1])
-        f = nxt if lo[0] < nxt < hi[0] else (lo[0] + hi[0]) / 2
-    result, ratio = cache[round(best[0], 4)]
+        result, ratio = evaluate(f)
+        points.append((result.flops_ratio, ratio))
+        if f <= floor + 1e-4 and ratio > target_ratio * (1 + tolerance):
+            raise PruneError(f"target latency ratio {target_ratio:.3f} cannot be reached: the smallest network "
+                             f"pruning reaches ({result.flops_ratio:.1%} of the deploy FLOPs at imgsz {imgsz}, "
+                             f"round_to={round_to}) measures {ratio:.3f} of the unpruned latency; raise the target "
+                             f"to at least {ratio * (1 + tolerance):.2f}x or lower round_to")
+        final = min(max(_solve(points, target_ratio, f), floor), 0.999)
+        if abs(final - f) <= FRACTION_STEP and abs(ratio / target_ratio - 1) <= 2 * tolerance:
+            break  # the fit and the last measurement agree: the candidate at f is the answer
+        f = final
+    # the evaluated candidate nearest the fitted solution (the fit averages the noise of single measurements)
+    chosen = min(cache, key=lambda fr: abs(cache[fr][0].flops_ratio - final))
+    result, ratio = cache[chosen]
+    fitted = _predict(points, result.flops_ratio, final)
     seconds["search"] = time.perf_counter() - start - seconds["importance"]
-    return LatencyTargetResult(result, target_ratio, result.flops_ratio, ratio, evaluations, seconds)
+    return LatencyTargetResult(result, target_ratio, result.flops_ratio, ratio, evaluations, seconds, fitted)
+
+
+def _fit(points: list[tuple[float, float]], near: float) -> tuple[float, float]:
+    """Least-squares line ratio = a + b x fraction through the measured points, each weighted by its nearness to
+    `near` (latency is locally affine in FLOPs: a fixed overhead plus a part that scales), so several noisy
+    measurements average out. Falls back to the line through (1, 1) and the nearest point when the fit is not
+    increasing (noise)."""
+    import numpy as np
+
+    x = np.array([p[0] for p in points])
+    y = np.array([p[1] for p in points])
+    w = 1.0 / (0.05 + np.abs(x - near))
+    if len(points) >= 3:
+        b, a = np.polyfit(x, y, 1, w=np.sqrt(w))
+        if b > 0:
+            return float(a), float(b)
+    k = int(np.argmin(np.abs(x[1:] - near))) + 1
+    b = (1.0 - y[k]) / max(1.0 - x[k], 1e-6)
+    b = b if b > 0 else 1.0
+    return float(1.0 - b), float(b)
+
+
+def _solve(points: list[tuple[float, float]], target: float, near: float) -> float:
+    """The FLOPs fraction at which the fitted line reaches `target`."""
+    a, b = _fit(points, near)
+    return (target - a) / b
+
+
+def _predict(points: list[tuple[float, float]], fraction: float, near: float) -> float:
+    a, b = _fit(points, near)
+    return a + b * fraction
 
 
 def _floor_fraction(model: nn.Module, imgsz: int | tuple[int, int], round_to: int, keep: Iterable[str]) -> float:
