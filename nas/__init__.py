@@ -9,5 +9,7 @@
     onnx_export.py, files.py  export_onnx; FileLock, weights as bytes, the atomic writers
     cli.py, cli_args.py       `repnas`: one command class per subcommand; the argparse pieces they share
     dashboard.py              `repnas dashboard`: optuna-dashboard on the study's own storage
+    yolov5.py, yolov5_bridge.py  `repnas yolov5-bridge`: the bundle; the converter it prints (never imported here)
+    fidelity.py, zerocost.py  rank agreement (τ-b, bootstrap) for `repnas confirm`; training-free scores
     study/                    the search study, one module per concern (see its __init__)
 """

@@ -274,6 +274,8 @@ def fit(model: nn.Module, data: str | Path | DataConfig, cfg: ProxyConfig = Prox
     start = time.perf_counter()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is not None:  # the DataLoader's pin-memory thread and any
+        torch.cuda.set_device(device)  # context follow the current device: keep them on the training GPU
     data_cfg = data if isinstance(data, DataConfig) else load_data_config(data)
     detect = model.detect
     if detect.nc != data_cfg.nc:
