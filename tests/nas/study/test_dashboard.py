@@ -225,7 +225,10 @@ def test_the_dashboard_writes_through_repnas_journal_and_its_lock(dashboard_extr
 def test_serve_dashboard_prints_its_url_and_stops_on_ctrl_c(dashboard_extra, assets, tmp_path):
     """The command's own path (`serve_dashboard`, what `repnas dashboard` runs) in a process of its own."""
     results = _old_study(assets, tmp_path)
-    code = ("from nas.dashboard import serve_dashboard; "
+    # Ctrl-C's handler as in a terminal: a process started in the background of a non-interactive shell (as CI may
+    # run the suite) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from nas.dashboard import serve_dashboard; "
             f"serve_dashboard('data', results={str(results)!r}, port=0, report=lambda s: print(s, flush=True))")
     process = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
