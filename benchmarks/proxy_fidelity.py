@@ -46,7 +46,9 @@ SEED = {"P1_depth": 1, "P1_width": 16, "P1_se": False, "P2_depth": 2, "P2_width"
 
 # Reference and confirm budgets on the host study (the default --data proxy otherwise: lr0, loss, val_every 5).
 REFERENCE = {"epochs": 120, "imgsz": 160, "seeds": (0, 1)}
-CONFIRM_ROWS = {"reference": REFERENCE, "default60": {"epochs": 60, "imgsz": 160, "seeds": (0, 1)}}
+# default60 (today's --data default, half the reference's cost) with one seed: the whole evidence is capped at about
+# 12 CPU-hours and its second seed would cost ~1.8 of them (pilot projection)
+CONFIRM_ROWS = {"reference": REFERENCE, "default60": {"epochs": 60, "imgsz": 160, "seeds": (0,)}}
 HOST = {"epochs": 1, "imgsz": 160}  # the host study: 1 epoch at 160 px (also the pilot, and a row of its own)
 
 # Proxies: `repnas search` proxy options. Cost relative to the reference ~ epochs x imgsz^2 x fraction / (120 x 160^2).
