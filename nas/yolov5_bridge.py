@@ -22,7 +22,9 @@ relative; a failed check writes nothing.
 torch >= 2.6: YOLOv5 7.0's loaders (val.py, detect.py, export.py, train.py --weights) call torch.load without
 weights_only=False, so they refuse every pickled checkpoint, YOLOv5's own and this script's output alike. Use them
 with torch < 2.6, or with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 for files you trust. This script reads a YOLOv5
-checkpoint with weights_only=False itself: convert only checkpoints you trust (unpickling can run code).
+checkpoint weights-only itself (torch >= 2.5): torch's restricted unpickler, which builds only the classes allowed
+here (YOLOv5's model modules of the import root in use, torch.nn's modules, numpy scalars) and never calls anything
+else, so a file holding other code is refused, not run.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -274,6 +277,36 @@ def format_model_yaml(cfg: dict, header: list[str]) -> str:
     return text
 
 
+def _checkpoint_classes(yolo, common) -> list:
+    """What a YOLOv5 checkpoint may build: the classes the import root's models/yolo.py and models/common.py define,
+    torch.nn's modules, and the numpy scalar types YOLOv5 stores (best_fitness)."""
+    import numpy as np
+
+    allowed = [obj for module in (yolo, common) for _, obj in inspect.getmembers(module, inspect.isclass)
+               if obj.__module__ == module.__name__]
+    allowed += [obj for _, obj in inspect.getmembers(nn.modules, inspect.isclass) if issubclass(obj, nn.Module)]
+    multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
+    return [*allowed, set, np.dtype, multiarray.scalar, *{type(np.dtype(t)) for t in ("float64", "float32", "int64")}]
+
+
+def _load_checkpoint(path: str, yolo, common):
+    """A YOLOv5 checkpoint read by torch's weights-only unpickler with `_checkpoint_classes` allowed: a pickled
+    Model is built from those classes alone and nothing else in the file is called. Raises BridgeError for a torch
+    without `torch.serialization.safe_globals` (< 2.5) or a file holding any other object."""
+    allow = getattr(torch.serialization, "safe_globals", None)
+    if allow is None:
+        raise BridgeError(f"{path}: reading a pickled YOLOv5 checkpoint without running its code needs torch >= 2.5 "
+                          f"(torch.serialization.safe_globals); this environment has torch {torch.__version__}")
+    try:
+        with allow(_checkpoint_classes(yolo, common)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line or "GLOBAL" in line]
+        why = " ".join((found[0] if found else str(err).splitlines()[-1]).split())[:200]
+        raise BridgeError(f"{path}: holds an object outside YOLOv5's model classes, torch.nn and numpy scalars, so it "
+                          f"is refused unread ({why})") from None
+
+
 def from_yolov5(ckpt_path: str | Path, out: str | Path, *, use: str | None, yolo, common, root: str) -> str:
     """Write a YOLOv5 checkpoint's `ema` (when present, as YOLOv5's attempt_load does) or `model` as
     OUT/model.yaml (anchors as trained, in pixels; nc) + OUT/weights.pt (a weights-only float32 state_dict) +
@@ -281,7 +314,7 @@ def from_yolov5(ckpt_path: str | Path, out: str | Path, *, use: str | None, yolo
     path = str(ckpt_path)
     if not Path(path).is_file():
         raise BridgeError(f"{path}: no such file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # a pickled Model: trusted files only
+    ckpt = _load_checkpoint(path, yolo, common)
     if isinstance(ckpt, dict):
         key = use or ("ema" if ckpt.get("ema") is not None else "model")
         model = ckpt.get(key)
