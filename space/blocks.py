@@ -211,6 +211,8 @@ class RepVGGBlock(nn.Module):
     branches are one 3x3 conv with bias (`rbr_reparam`); `pruning.reparam.fuse_model` does that conversion.
     """
 
+    _branch = staticmethod(_conv_bn)  # one conv-BN branch (YOLOv7's RepConv names its layers by index)
+
     def __init__(
         self,
         in_channels: int,
@@ -248,13 +250,18 @@ class RepVGGBlock(nn.Module):
         self.deploy = deploy
         self.nonlinearity = nn.SiLU()
         self.se = SEBlock(out_channels, internal_neurons=out_channels // 16) if use_se else nn.Identity()
+        self._branches(in_channels, out_channels, stride, groups, deploy)
+
+    def _branches(self, in_channels: int, out_channels: int, stride: int, groups: int, deploy: bool) -> None:
+        """The deploy conv, or the 3x3, 1x1 and identity-BN branches (the last when shapes allow), under RepVGG's
+        parameter names (YOLOv7's RepConv keeps them, building each conv-BN branch with its own `_branch`)."""
         if deploy:
             self.rbr_reparam = nn.Conv2d(in_channels, out_channels, 3, stride, 1, groups=groups, bias=True)
         else:
             has_identity = out_channels == in_channels and stride == 1
             self.rbr_identity = nn.BatchNorm2d(in_channels) if has_identity else None
-            self.rbr_dense = _conv_bn(in_channels, out_channels, 3, stride, 1, groups)
-            self.rbr_1x1 = _conv_bn(in_channels, out_channels, 1, stride, 0, groups)
+            self.rbr_dense = self._branch(in_channels, out_channels, 3, stride, 1, groups)
+            self.rbr_1x1 = self._branch(in_channels, out_channels, 1, stride, 0, groups)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.deploy:

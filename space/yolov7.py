@@ -131,6 +131,8 @@ class RepConv(RepVGGBlock):
     `rbr_reparam`, which `pruning.reparam.fuse_model` computes and `switch_to_deploy` installs.
     """
 
+    _branch = staticmethod(_conv_bn)
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
                  padding: int | None = None, groups: int = 1, act: Act = True, deploy: bool = False):
         nn.Module.__init__(self)  # the RepVGG block's own layout (SE, SiLU, named branches) is not YOLOv7's
@@ -144,13 +146,7 @@ class RepConv(RepVGGBlock):
         self.stride, self.groups = stride, groups
         self.deploy = deploy
         self.act = _act_module(act)
-        if deploy:
-            self.rbr_reparam = nn.Conv2d(in_channels, out_channels, 3, stride, 1, groups=groups, bias=True)
-        else:
-            has_identity = out_channels == in_channels and stride == 1
-            self.rbr_identity = nn.BatchNorm2d(in_channels) if has_identity else None
-            self.rbr_dense = _conv_bn(in_channels, out_channels, 3, stride, 1, groups)
-            self.rbr_1x1 = _conv_bn(in_channels, out_channels, 1, stride, 0, groups)
+        self._branches(in_channels, out_channels, stride, groups, deploy)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.deploy:
