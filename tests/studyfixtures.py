@@ -72,3 +72,31 @@ def files_intact(study: optuna.Study, root: Path) -> None:
         if t.state == TrialState.COMPLETE:
             for entry in t.user_attrs["files"].values():
                 assert sha256_of(root / entry["path"]) == entry["sha256"], (t.number, entry)
+
+
+def searched_tiny_study(root: Path, trials: int) -> dict[str, Path]:
+    """Run a finished tiny study of `trials` trials under `root` (results in root/results, run from `root`); return
+    its assets. Module-scoped fixtures make it once; tests work on `copy_searched` copies."""
+    import os
+
+    from nas.study import run_search
+
+    assets = make_tiny_assets(root / "assets")
+    old = Path.cwd()
+    os.chdir(root)
+    try:
+        run_search(tiny_settings(assets, trials=trials, results=str(root / "results")))
+    finally:
+        os.chdir(old)
+    return assets
+
+
+def copy_searched(root: Path, assets: dict[str, Path], trials: int, tmp_path: Path, monkeypatch) -> StudySettings:
+    """A private copy of `searched_tiny_study`'s results in tmp_path (the working folder, with its own cache);
+    return its settings."""
+    import shutil
+
+    shutil.copytree(root / "results", tmp_path / "results")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("REPNAS_CACHE_DIR", str(tmp_path / "cache"))
+    return tiny_settings(assets, trials=trials, results=str(tmp_path / "results"))

@@ -3,8 +3,6 @@ agreement; `show` and `export` gain the confirmed columns."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +18,7 @@ from optuna.trial import TrialState
 from nas.cli import main
 from nas.fidelity import kendall_tau_b, spearman_rho
 from nas.study import confirm as confirm_mod
-from nas.study import run_search, show_study
+from nas.study import show_study
 from nas.study.attrs import LATENCY_MS_KEY
 from nas.study.confirm import (
     KIND,
@@ -33,31 +31,20 @@ from nas.study.confirm import (
 )
 from nas.study.followups import KEY_KEY, TARGET_KEY, companion, followups, start_followup
 from nas.study.settings import StudyError
-from tests.studyfixtures import load, make_tiny_assets, sha256_of, tiny_settings
+from tests.studyfixtures import copy_searched, load, searched_tiny_study, sha256_of
 
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory) -> tuple[Path, dict]:
     """A finished 7-trial tiny study (results in ROOT/results), made once; tests work on copies."""
     root = tmp_path_factory.mktemp("confirm")
-    assets = make_tiny_assets(root / "assets")
-    old = Path.cwd()
-    os.chdir(root)
-    try:
-        run_search(tiny_settings(assets, trials=7, results=str(root / "results")))
-    finally:
-        os.chdir(old)
-    return root, assets
+    return root, searched_tiny_study(root, 7)
 
 
 @pytest.fixture
 def study_copy(searched, tmp_path, monkeypatch):
     """(settings, study) of a private copy of the searched study."""
-    root, assets = searched
-    shutil.copytree(root / "results", tmp_path / "results")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("REPNAS_CACHE_DIR", str(tmp_path / "cache"))
-    settings = tiny_settings(assets, trials=7, results=str(tmp_path / "results"))
+    settings = copy_searched(*searched, 7, tmp_path, monkeypatch)
     return settings, load(settings)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,10 +18,10 @@ from optuna.trial import TrialState
 
 from nas.cli import main
 from nas.study import relatency as rl
-from nas.study import run_search, show_study
+from nas.study import show_study
 from nas.study.followups import KEY_KEY, KIND_KEY, companion
 from nas.study.settings import StudyError
-from tests.studyfixtures import load, make_tiny_assets, tiny_settings
+from tests.studyfixtures import copy_searched, load, searched_tiny_study
 
 TRIALS = 4
 
@@ -31,23 +30,12 @@ TRIALS = 4
 def searched(tmp_path_factory) -> tuple[Path, dict]:
     """A finished tiny study (results in ROOT/results), made once; tests work on copies."""
     root = tmp_path_factory.mktemp("relatency")
-    assets = make_tiny_assets(root / "assets")
-    old = Path.cwd()
-    os.chdir(root)
-    try:
-        run_search(tiny_settings(assets, trials=TRIALS, results=str(root / "results")))
-    finally:
-        os.chdir(old)
-    return root, assets
+    return root, searched_tiny_study(root, TRIALS)
 
 
 @pytest.fixture
 def study_copy(searched, tmp_path, monkeypatch):
-    root, assets = searched
-    shutil.copytree(root / "results", tmp_path / "results")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("REPNAS_CACHE_DIR", str(tmp_path / "cache"))
-    settings = tiny_settings(assets, trials=TRIALS, results=str(tmp_path / "results"))
+    settings = copy_searched(*searched, TRIALS, tmp_path, monkeypatch)
     return settings, load(settings)
 
 
