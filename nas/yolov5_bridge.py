@@ -279,14 +279,18 @@ def format_model_yaml(cfg: dict, header: list[str]) -> str:
 
 def _checkpoint_classes(yolo, common) -> list:
     """What a YOLOv5 checkpoint may build: the classes the import root's models/yolo.py and models/common.py define,
-    torch.nn's modules, and the numpy scalar types YOLOv5 stores (best_fitness)."""
+    torch.nn's modules, the numpy scalar types YOLOv5 stores (best_fitness), and getattr (bound methods of a fused
+    model)."""
     import numpy as np
 
     allowed = [obj for module in (yolo, common) for _, obj in inspect.getmembers(module, inspect.isclass)
                if obj.__module__ == module.__name__]
     allowed += [obj for _, obj in inspect.getmembers(nn.modules, inspect.isclass) if issubclass(obj, nn.Module)]
     multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
-    return [*allowed, set, np.dtype, multiarray.scalar, *{type(np.dtype(t)) for t in ("float64", "float32", "int64")}]
+    # getattr: a fused Conv's `forward = forward_fuse` is pickled as getattr(module, "forward_fuse"); the restricted
+    # unpickler calls only allowed globals, so what getattr returns can be stored but never called
+    return [*allowed, set, getattr, np.dtype, multiarray.scalar,
+            *{type(np.dtype(t)) for t in ("float64", "float32", "int64")}]
 
 
 def _load_checkpoint(path: str, yolo, common):
