@@ -285,7 +285,7 @@ def order(dataset: str) -> list[tuple[str, int]]:
     return [*steps, ("default60", -1)]
 
 
-def run(dataset: str, only: list[str] | None, hours: float | None) -> None:
+def run(dataset: str, only: list[str] | None, hours: float | None, seeds: list[int] | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -294,6 +294,8 @@ def run(dataset: str, only: list[str] | None, hours: float | None) -> None:
     deadline = time.time() + hours * 3600 if hours else math.inf
     for proxy, seed in order(dataset):
         if only and proxy not in only:
+            continue
+        if seeds is not None and seed >= 0 and seed not in seeds:
             continue
         if time.time() > deadline:
             print("time is up; run again to go on", flush=True)
@@ -498,6 +500,7 @@ def main() -> None:
         p.add_argument("--dataset", choices=tuple(SEEDS), default="synth")
         if name == "run":
             p.add_argument("--only", nargs="+", help="these rows only (proxy names, reference, default60)")
+            p.add_argument("--seeds", type=int, nargs="+", help="these training seeds of the proxy rows only")
             p.add_argument("--hours", type=float, help="stop starting new studies after this many hours")
             p.add_argument("--workers", type=int, default=1, help="single-threaded worker processes per command")
     args = parser.parse_args()
@@ -508,7 +511,7 @@ def main() -> None:
     elif args.command == "run":
         global WORKERS
         WORKERS = args.workers
-        run(args.dataset, args.only, args.hours)
+        run(args.dataset, args.only, args.hours, args.seeds)
     else:
         report(args.dataset)
 
