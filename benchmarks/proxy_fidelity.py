@@ -355,7 +355,8 @@ def table(dataset: str) -> list[dict]:
     archs = list(load_archs())
     ref = {a: np.mean([r["map50_95"] for r in runs if r["proxy"] == "reference" and r["arch"] == a] or [np.nan])
            for a in archs}
-    ref_cost = sum(r["train_seconds"] for r in runs if r["proxy"] == "reference")
+    ref_seconds = {a: np.mean([r["train_seconds"] for r in runs if r["proxy"] == "reference" and r["arch"] == a]
+                              or [np.nan]) for a in archs}
     full = [a for a in archs if np.isfinite(ref[a])]
     lat = {a: next((r["latency_ms"] for r in runs if r["arch"] == a and r["latency_ms"]), np.nan) for a in full}
     terciles = np.array_split(sorted(full, key=lambda a: lat[a]), 3)
@@ -374,7 +375,7 @@ def table(dataset: str) -> list[dict]:
                 seeds = {}
                 for r in mine:
                     seeds.setdefault(r["seed"], {})[r["arch"]] = _metric(r, metric)
-                cost = sum(r["train_seconds"] for r in mine) / max(len(seeds), 1) * len(REFERENCE["seeds"])
+                cost = _measured_cost(mine, ref_seconds)
             common = [a for a in full if all(a in s for s in seeds.values())]
             if len(common) < len(full) or not seeds:
                 rows.append({"proxy": proxy, "metric": metric, "n": len(common), "incomplete": True})
@@ -390,9 +391,33 @@ def table(dataset: str) -> list[dict]:
             diff, interval = paired_difference(vec, baseline_vec, ref_vec)
             rows.append({"proxy": proxy, "metric": metric, "n": len(full), "tau_b": agree.tau_b,
                          "tau_ci": agree.to_dict()["tau_b_ci90"], "rho": agree.rho, "seed_tau": s2s,
-                         "tercile_tau": within, "cost": cost / ref_cost if ref_cost else math.nan,
+                         "tercile_tau": within, "cost": cost, "nominal_cost": nominal_cost(proxy),
                          "vs_params": [diff, interval.low, interval.high], "scores": vec, "reference": ref_vec})
     return rows
+
+
+def nominal_cost(proxy: str) -> float:
+    """Training cost relative to the reference's from the settings: epochs x imgsz^2 x fraction (0 for zero-cost
+    scores)."""
+    if proxy in PROXIES:
+        epochs, imgsz, fraction = _cost_args(PROXIES[proxy])
+    elif proxy in CONFIRM_ROWS or proxy == "e1-160":
+        budget = CONFIRM_ROWS.get(proxy, HOST)
+        epochs, imgsz, fraction = budget["epochs"], budget["imgsz"], 1.0
+    else:
+        return 0.0
+    return epochs * imgsz ** 2 * fraction / (REFERENCE["epochs"] * REFERENCE["imgsz"] ** 2)
+
+
+def _measured_cost(mine: list[dict], ref_seconds: dict[str, float]) -> float:
+    """Measured training cost relative to the reference's: the median over Archs of (this row's training seconds /
+    the reference's, each a mean over its seeds). A per-Arch ratio and its median keep a run slowed by a busy
+    machine (some reference runs shared the 2 cores with tests) from moving the figure."""
+    by_arch: dict[str, list[float]] = {}
+    for r in mine:
+        by_arch.setdefault(r["arch"], []).append(r["train_seconds"])
+    ratios = [np.mean(v) / ref_seconds[a] for a, v in by_arch.items() if np.isfinite(ref_seconds.get(a, np.nan))]
+    return float(np.median(ratios)) if ratios else math.nan
 
 
 MAX_COST = 0.25  # a proxy costs at most 1/4 of the reference (issue 12, item 2)
@@ -469,7 +494,7 @@ def report(dataset: str) -> None:
             tau = seed_to_seed_tau(np.array([[s[a] for s in by_seed.values()] for a in archs]))
             print(f"reference seed-to-seed τ-b {tau:.3f} over {len(archs)} Archs (bar: >= 0.8)")
     print(f"{'proxy':<16} {'metric':<6} {'n':>3} {'τ-b':>6} {'90% CI':>15} {'ρ':>6} {'seed τ':>7} "
-          f"{'τ in latency terciles':>22} {'cost':>6} {'τ - τ(params) [90% CI]':>26}")
+          f"{'τ in latency terciles':>22} {'cost':>6} {'nominal':>7} {'τ - τ(params) [90% CI]':>26}")
     rows = table(dataset)
     for row in rows:
         if row.get("incomplete"):
@@ -480,7 +505,8 @@ def report(dataset: str) -> None:
         terc = " ".join("  nan" if math.isnan(t) else f"{t:5.2f}" for t in row["tercile_tau"])
         d = row["vs_params"]
         print(f"{row['proxy']:<16} {row['metric']:<6} {row['n']:>3} {row['tau_b']:>6.3f} {ci:>15} {row['rho']:>6.3f} "
-              f"{row['seed_tau']:>7.3f} {terc:>22} {row['cost']:>6.3f} {d[0]:>7.3f} [{d[1]:.2f}, {d[2]:.2f}]")
+              f"{row['seed_tau']:>7.3f} {terc:>22} {row['cost']:>6.3f} {row['nominal_cost']:>7.3f} "
+              f"{d[0]:>7.3f} [{d[1]:.2f}, {d[2]:.2f}]")
     best, why = choose(rows)
     print(f"choice (item 3): {why}")
     if best is not None:
