@@ -127,7 +127,7 @@ def load_table(proxy: str, dataset: str = "synth") -> dict[str, tuple[float, flo
     return {k: (float(np.mean(maps[k])), float(np.median(lats[k]))) for k in maps if k in wanted and k in lats}
 
 
-def cmd_train(proxy: str, dataset: str) -> None:
+def cmd_train(proxy: str, dataset: str, workers: int = 1) -> None:
     """Train the tabular Archs missing from the table at `proxy`, through one product study per run of this
     command (`repnas search --enqueue`, as proxy_fidelity.run_proxy does), and record them."""
     pf = _proxy_fidelity()
@@ -147,11 +147,11 @@ def cmd_train(proxy: str, dataset: str) -> None:
         (folder / f"{n}.yaml").write_text(yaml.safe_dump(archs[n]))
         files.append(str(folder / f"{n}.yaml"))
     if (WORK / name / "study.log").is_file():
-        args = ["resume", name, "--results", str(WORK), "--quiet"]
+        args = ["resume", name, "--results", str(WORK), "--quiet", "--workers", str(workers)]
     else:
         args = ["search", "--study", name, "--results", str(WORK), "--data", pf.data_yaml(dataset), "--space",
                 pf.SPACE, "--trials", str(len(files)), "--sampler", "random", "--baseline", files[0],
-                "--no-early-stop", "--device", "cpu", "--quiet", "--workers", "1",
+                "--no-early-stop", "--device", "cpu", "--quiet", "--workers", str(workers),
                 *pf._with_seed(pf.PROXIES[proxy], 0)]
         if len(files) > 1:
             args += ["--enqueue", *files[1:]]
@@ -260,6 +260,8 @@ def main() -> None:
         p = sub.add_parser(name)
         p.add_argument("--proxy", required=True, help="a proxy of benchmarks/proxy_fidelity.py PROXIES")
         p.add_argument("--dataset", default="synth", choices=("synth", "raccoon"))
+        if name == "train":
+            p.add_argument("--workers", type=int, default=1, help="single-threaded worker processes")
         if name == "replay":
             p.add_argument("--seeds", type=int, default=20, help="sampler seeds per sampler (default 20)")
             p.add_argument("--k", type=int, nargs="+", default=[4, 6, 8, 12], help="trainings (default 4 6 8 12)")
@@ -267,7 +269,7 @@ def main() -> None:
     if args.command == "enumerate":
         cmd_enumerate()
     elif args.command == "train":
-        cmd_train(args.proxy, args.dataset)
+        cmd_train(args.proxy, args.dataset, args.workers)
     else:
         cmd_replay(args.proxy, args.dataset, args.seeds, args.k)
 
