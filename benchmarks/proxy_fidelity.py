@@ -479,7 +479,7 @@ def _zero_cost(dataset: str) -> dict[str, dict[int, dict[str, float]]]:
     return out
 
 
-def report(dataset: str) -> None:
+def report(dataset: str, markdown: bool = False) -> None:
     runs = [r for r in load_runs() if r["dataset"] == dataset]
     ref = [r for r in runs if r["proxy"] == "reference"]
     print(f"{dataset}: {len(runs)} runs recorded; reference runs: {len(ref)}")
@@ -490,23 +490,36 @@ def report(dataset: str) -> None:
         for r in ref:
             by_seed.setdefault(r["seed"], {})[r["arch"]] = r["map50_95"]
         archs = [a for a in load_archs() if all(a in s for s in by_seed.values())]
+        lat = {r["arch"]: r["latency_ms"] for r in ref}
+        print("reference mAP50-95 per Arch (by latency; " + ", ".join(f"seed {k}" for k in sorted(by_seed)) + "): " +
+              "; ".join(f"{a} " + "/".join(f"{by_seed[k][a]:.3f}" if a in by_seed[k] else "-" for k in sorted(by_seed))
+                        for a in sorted(lat, key=lat.get)))
         if len(by_seed) > 1 and len(archs) >= 5:
             tau = seed_to_seed_tau(np.array([[s[a] for s in by_seed.values()] for a in archs]))
             print(f"reference seed-to-seed τ-b {tau:.3f} over {len(archs)} Archs (bar: >= 0.8)")
-    print(f"{'proxy':<16} {'metric':<6} {'n':>3} {'τ-b':>6} {'90% CI':>15} {'ρ':>6} {'seed τ':>7} "
-          f"{'τ in latency terciles':>22} {'cost':>6} {'nominal':>7} {'τ - τ(params) [90% CI]':>26}")
+    head = ("proxy", "metric", "n", "τ-b", "90% CI", "ρ", "seed τ", "τ in latency terciles", "cost", "nominal",
+            "τ - τ(params) [90% CI]")
+    widths = (16, 6, 3, 6, 15, 6, 7, 22, 6, 7, 26)
+    if markdown:
+        print("| " + " | ".join(head) + " |\n|" + " --- |" * len(head))
+    else:
+        print(" ".join(f"{h:<{w}}" if i < 2 else f"{h:>{w}}" for i, (h, w) in enumerate(zip(head, widths))))
     rows = table(dataset)
     for row in rows:
         if row.get("incomplete"):
             why = row["incomplete"] if isinstance(row["incomplete"], str) else "runs missing"
-            print(f"{row['proxy']:<16} {row['metric']:<6} {row['n']:>3}  (not computed: {why})")
-            continue
-        ci = "" if row["tau_ci"] is None else f"[{row['tau_ci'][0]:.2f}, {row['tau_ci'][1]:.2f}]"
-        terc = " ".join("  nan" if math.isnan(t) else f"{t:5.2f}" for t in row["tercile_tau"])
-        d = row["vs_params"]
-        print(f"{row['proxy']:<16} {row['metric']:<6} {row['n']:>3} {row['tau_b']:>6.3f} {ci:>15} {row['rho']:>6.3f} "
-              f"{row['seed_tau']:>7.3f} {terc:>22} {row['cost']:>6.3f} {row['nominal_cost']:>7.3f} "
-              f"{d[0]:>7.3f} [{d[1]:.2f}, {d[2]:.2f}]")
+            cells = [row["proxy"], row["metric"], str(row["n"]), f"(not computed: {why})"]
+        else:
+            ci = "" if row["tau_ci"] is None else f"[{row['tau_ci'][0]:.2f}, {row['tau_ci'][1]:.2f}]"
+            d = row["vs_params"]
+            cells = [row["proxy"], row["metric"], str(row["n"]), f"{row['tau_b']:.3f}", ci, f"{row['rho']:.3f}",
+                     f"{row['seed_tau']:.3f}", " ".join("nan" if math.isnan(t) else f"{t:.2f}"
+                                                         for t in row["tercile_tau"]),
+                     f"{row['cost']:.3f}", f"{row['nominal_cost']:.3f}", f"{d[0]:.3f} [{d[1]:.2f}, {d[2]:.2f}]"]
+        if markdown:
+            print("| " + " | ".join(cells) + " |")
+        else:
+            print(" ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))))
     best, why = choose(rows)
     print(f"choice (item 3): {why}")
     if best is not None:
@@ -529,6 +542,8 @@ def main() -> None:
             p.add_argument("--seeds", type=int, nargs="+", help="these training seeds of the proxy rows only")
             p.add_argument("--hours", type=float, help="stop starting new studies after this many hours")
             p.add_argument("--workers", type=int, default=1, help="single-threaded worker processes per command")
+        if name == "report":
+            p.add_argument("--markdown", action="store_true", help="the table as Markdown (for RESULTS.md)")
     args = parser.parse_args()
     if args.command == "pick":
         pick()
@@ -539,7 +554,7 @@ def main() -> None:
         WORKERS = args.workers
         run(args.dataset, args.only, args.hours, args.seeds)
     else:
-        report(args.dataset)
+        report(args.dataset, args.markdown)
 
 
 if __name__ == "__main__":
