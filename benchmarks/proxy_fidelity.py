@@ -316,10 +316,10 @@ def pilot(dataset: str) -> None:
     per_epoch = sum(r["train_seconds"] for r in rows)  # one epoch of every Arch at 160 px, one seed
     print(f"pilot: one 160-px epoch of all {len(rows)} Archs on {dataset}: {per_epoch:.0f} s (1 thread)")
     total = 0.0
-    for name, cfg in [*((n, _cost_args(PROXIES[n])) for n in PROXIES),
-                      *((n, (b["epochs"], b["imgsz"], 1.0)) for n, b in CONFIRM_ROWS.items())]:
+    for name, cfg, seeds in [*((n, _cost_args(PROXIES[n]), len(SEEDS[dataset])) for n in PROXIES),
+                             *((n, (b["epochs"], b["imgsz"], 1.0), len(set(b["seeds"]) & set(SEEDS[dataset])))
+                               for n, b in CONFIRM_ROWS.items())]:
         epochs, imgsz, fraction = cfg
-        seeds = len(SEEDS[dataset])
         hours = per_epoch * epochs * (imgsz / 160) ** 2 * fraction * seeds / 3600
         total += hours
         print(f"  {name:<16} {epochs:>4} epochs {imgsz:>4} px fraction {fraction:<4} x {seeds} seeds: "
