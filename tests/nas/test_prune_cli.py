@@ -72,6 +72,7 @@ def test_prune_defaults_to_the_studys_sizes_says_them_and_says_each_step(study, 
         assert line.startswith("prune: ") and step in line, (line, step)
 
 
+@pytest.mark.slow  # over 10 s (the not-slow suite aims at ~6 min on 2 cores)
 def test_val_takes_every_source_at_the_size_it_was_trained_at(study, tmp_path, capsys, caplog):
     from nas.study import load_study
 

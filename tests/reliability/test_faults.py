@@ -253,6 +253,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # over 10 s (the not-slow suite aims at ~6 min on 2 cores)
 def test_a_torn_last_record_is_moved_aside_and_the_study_resumes(settings, tmp_path, capsys,  # noqa: F811
                                                                   reliability_report):
     """Example C: a 1-trial study whose last journal line is cut to 60 bytes without a newline; `repnas resume`."""

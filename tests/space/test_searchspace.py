@@ -62,6 +62,7 @@ def test_default_space_spans_4x_cheaper_to_2x_costlier_than_the_seed():
     assert arch_cost(costliest, space.imgsz)[1] >= seed_gflops * 2
 
 
+@pytest.mark.slow  # over 10 s (the not-slow suite aims at ~6 min on 2 cores)
 def test_fifty_sampled_archs_build_run_and_round_trip():
     space = load_space()
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))

@@ -207,6 +207,7 @@ while (claimed := claim_task(study, stored_settings(study, "tiny", None, results
 """
 
 
+@pytest.mark.slow  # over 10 s (the not-slow suite aims at ~6 min on 2 cores)
 def test_four_processes_claiming_at_once_never_take_one_run_twice(study_copy):
     # a run told COMPLETE between two reads of the claims once looked neither running nor done: claimed again
     settings, study = study_copy
@@ -219,6 +220,7 @@ def test_four_processes_claiming_at_once_never_take_one_run_twice(study_copy):
     assert all(t.state == TrialState.COMPLETE for t in records)
 
 
+@pytest.mark.slow  # over 10 s (the not-slow suite aims at ~6 min on 2 cores)
 def test_two_workers_never_run_the_same_confirmation_twice(study_copy):
     settings, study = study_copy
     out = subprocess.run([sys.executable, "-m", "nas.cli", "confirm", "tiny", "--results", settings.results,
@@ -238,6 +240,7 @@ def test_two_workers_never_run_the_same_confirmation_twice(study_copy):
     assert {line.split("]")[0] for line in ran} <= {"[worker 0", "[worker 1"}
 
 
+@pytest.mark.slow  # over 10 s (the not-slow suite aims at ~6 min on 2 cores)
 def test_killed_during_a_confirmation_then_rerun_loses_nothing(study_copy):
     settings, study = study_copy
     cmd = [sys.executable, "-u", "-m", "nas.cli", "confirm", "tiny", "--results", settings.results,

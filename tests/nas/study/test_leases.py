@@ -53,6 +53,7 @@ def _search_argv(assets, name: str, trials: int) -> list[str]:
             "--batch", "4", "--latency-imgsz", "64", "--device", "cpu", "--sampler", "random", "--quiet"]
 
 
+@pytest.mark.slow  # over 10 s (the not-slow suite aims at ~6 min on 2 cores)
 def test_sigkill_during_a_trial_then_resume_loses_nothing(assets, tmp_path, monkeypatch):
     monkeypatch.setenv("REPNAS_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)

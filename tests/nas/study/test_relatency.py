@@ -194,6 +194,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # over 10 s (the not-slow suite aims at ~6 min on 2 cores)
 def test_sigkill_mid_run_then_rerun_times_each_missing_trial_once(study_copy, tmp_path):
     settings, study = study_copy
     args = ["relatency", "tiny", "--results", settings.results, "--profile", "k", "--device", "cpu", "--threads", "1",

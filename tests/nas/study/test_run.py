@@ -157,6 +157,7 @@ def test_the_same_arch_in_two_studies_trains_to_the_same_weights(settings, tmp_p
         files[0]["weights.pt"]["sha256"]
 
 
+@pytest.mark.slow  # over 10 s (the not-slow suite aims at ~6 min on 2 cores)
 def test_a_resume_keeps_the_worker_layout_and_times_with_the_stored_threads(settings, tmp_path):
     # issue #13's walk: created with two single-threaded workers, resumed without --workers: its third trial ran in
     # one 2-thread process and the Pareto file mixed "1 threads" and "2 threads" latencies

@@ -174,6 +174,7 @@ def test_cuda_out_of_memory_retries_once_at_half_the_batch(settings, monkeypatch
     assert t.user_attrs["proxy"]["batch"] == 4
 
 
+@pytest.mark.slow  # over 10 s (the not-slow suite aims at ~6 min on 2 cores)
 def test_latency_budget_rejects_before_training(settings, monkeypatch):
     real_fit, calls = nas.study.trial.fit, []
     monkeypatch.setattr(nas.study.trial, "fit", lambda *a, **k: calls.append(1) or real_fit(*a, **k))

@@ -16,6 +16,7 @@ from tests.studyfixtures import files_intact as _files_intact
 from tests.studyfixtures import load as _load
 
 
+@pytest.mark.slow  # over 10 s (the not-slow suite aims at ~6 min on 2 cores)
 def test_two_workers_run_six_distinct_trials(settings, tmp_path):
     lines: list[str] = []
     study = run_search(replace(settings, trials=6, quiet=False), workers=2, report=lines.append)
