@@ -3,8 +3,8 @@
 
     python benchmarks/proxy_fidelity.py pick                  # once: choose the Archs -> proxy_fidelity/archs.yaml
     python benchmarks/proxy_fidelity.py pilot [--dataset synth]   # 1-epoch host study: projected CPU-hours
-    python benchmarks/proxy_fidelity.py run --dataset synth [--only NAME ...] [--hours H]   # resumable
-    python benchmarks/proxy_fidelity.py report [--dataset synth]   # τ-b tables, paired bootstrap, terciles
+    python benchmarks/proxy_fidelity.py run --dataset synth [--only NAME ...] [--seeds S ...] [--hours H] [--workers W]
+    python benchmarks/proxy_fidelity.py report [--dataset synth] [--markdown]   # τ-b tables, paired bootstrap, terciles
 
 Built on the product's commands: a proxy is a study (`repnas search --space small --enqueue A1.yaml ..
 --no-early-stop --proxy seed=S ...`, one per training seed, the seed Arch as its baseline); the reference and
