@@ -202,10 +202,10 @@ def add_latency_backend(p: argparse.ArgumentParser, *, what: str = "") -> None:
 def add_search_options(p: argparse.ArgumentParser) -> None:
     """The options of `search` and `resume`; every default shown is read from nas.study.settings or ProxyConfig."""
     from nas.earlystop import EarlyStopConfig
-    from nas.study.settings import DEFAULTS, DEMO, SAMPLERS
+    from nas.study.settings import DEFAULTS, DEMO, DEVICE_PROXY, SAMPLERS
     from nas.train import ProxyConfig
 
-    proxy, demo = ProxyConfig(), DEMO["proxy"]
+    proxy, demo, cpu = ProxyConfig(), DEMO["proxy"], DEVICE_PROXY["cpu"]
     p.add_argument("--data", help="data.yaml (default: the demo, the built-in synthetic demo set)")
     p.add_argument("--space", help="space YAML, or a built-in space by name: default (the default), small, "
                                    "yolov7 (YOLOv7 head)")
@@ -215,12 +215,13 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help=f"sampler seed (default {DEFAULTS['seed']})")
     p.add_argument("--sampler", choices=SAMPLERS, help=f"sampler (default {DEFAULTS['sampler']})")
     p.add_argument("--epochs", type=positive_int,
-                   help=f"proxy training epochs (default {proxy.epochs}, the demo {demo['epochs']})")
-    p.add_argument("--imgsz", type=imgsz, help=f"proxy training and validation size (default {proxy.imgsz}, the "
-                                               f"demo {demo['imgsz']})")
+                   help=f"proxy training epochs (default {proxy.epochs}; on a CPU {cpu['epochs']}, see "
+                        f"RESULTS.md 'Proxy fidelity'; the demo {demo['epochs']})")
+    p.add_argument("--imgsz", type=imgsz, help=f"proxy training and validation size (default {proxy.imgsz}; on a "
+                                               f"CPU {cpu['imgsz']}; the demo {demo['imgsz']})")
     p.add_argument("--val-every", type=positive_int, help="validate every K epochs: the early-stopping rule acts at "
-                                                          f"these epochs (default {proxy.val_every}, the demo "
-                                                          f"{demo['val_every']})")
+                                                          f"these epochs (default {proxy.val_every}; on a CPU "
+                                                          f"{cpu['val_every']}; the demo {demo['val_every']})")
     p.add_argument("--latency-imgsz", type=imgsz, help="latency and GFLOPs input size (default: the space's, the "
                                                        f"demo {DEMO['latency_imgsz']})")
     p.add_argument("--latency-batch", type=positive_int,

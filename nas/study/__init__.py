@@ -43,6 +43,7 @@ from nas.study.run import default_workers, prepare_study, run_search
 from nas.study.settings import (
     DEFAULTS,
     DEMO,
+    DEVICE_PROXY,
     FROZEN,
     HEARTBEAT_S,
     STORED,
@@ -53,6 +54,7 @@ from nas.study.settings import (
     check_settings,
     check_study_name,
     demo_settings,
+    device_proxy,
     latency_config,
     load_baseline,
     load_enqueue,
@@ -66,11 +68,11 @@ from nas.study.trial import FUSION_TOLERANCE, TrialRecorder, TrialRejected, run_
 from nas.study.workers import EXIT_STOPPED, worker_main
 
 __all__ = [
-    "DEFAULTS", "DEMO", "EXIT_ORPHANED", "EXIT_STOPPED", "FROZEN", "FUSION_TOLERANCE", "HEARTBEAT_S", "MAX_REQUEUES",
+    "DEFAULTS", "DEMO", "DEVICE_PROXY", "EXIT_ORPHANED", "EXIT_STOPPED", "FROZEN", "FUSION_TOLERANCE", "HEARTBEAT_S", "MAX_REQUEUES",
     "NOT_COUNTED", "SETTINGS_ATTR", "STORED", "WEIGHT_FILES", "Heartbeat", "InvalidStudyName", "SearchStopped",
     "StudyError", "StudySettings", "TrialRecorder", "TrialRejected", "add_result", "check_settings",
     "check_study_name", "claim_trial", "clean_study", "clean_weights", "companion", "counts", "create_or_load_study",
-    "default_workers", "demo_settings", "environment", "export_files", "export_study", "fail_followup",
+    "default_workers", "demo_settings", "device_proxy", "environment", "export_files", "export_study", "fail_followup",
     "finish_followup", "followups", "host_id", "latency_config", "load_baseline", "load_enqueue", "load_study",
     "make_sampler", "merge_settings", "prepare_study", "proxy_config", "recover_stale_trials", "requeue",
     "run_search", "run_trial", "settings_json", "show_study", "start_followup", "storage_for", "stored_settings",

@@ -136,6 +136,27 @@ def test_a_new_study_without_data_is_the_demo(monkeypatch, tmp_path):
     assert given.trials == 3 and given.proxy == resolved_proxy(nas.study.DEMO["proxy"] | {"epochs": 2})  # given wins
 
 
+def test_a_new_data_study_on_a_cpu_takes_the_cpu_proxy_and_a_resumed_one_keeps_its_own(settings, monkeypatch):
+    """--data on a CPU: proxy keys not given take DEVICE_PROXY["cpu"] (issue 12's choice, 20 epochs at 128 px), given
+    keys win, a GPU keeps ProxyConfig's; a stored study resumes on the proxy it stored after the defaults change."""
+    from nas.train import ProxyConfig
+
+    cpu = nas.study.DEVICE_PROXY["cpu"]
+    assert (cpu["epochs"], cpu["imgsz"]) != (ProxyConfig().epochs, ProxyConfig().imgsz)
+    new, _ = nas.study.prepare_study(replace(settings, name="cpu", proxy={"batch": 8, "cache_images": False}))
+    assert {k: new.proxy[k] for k in cpu} == cpu and new.proxy["batch"] == 8 and not new.proxy["cache_images"]
+    assert new.proxy == resolved_proxy({"batch": 8, "cache_images": False}, nas.study.device_proxy("cpu"))
+    given, _ = nas.study.prepare_study(replace(settings, name="given", proxy={"epochs": 3}))
+    assert given.proxy["epochs"] == 3 and given.proxy["imgsz"] == cpu["imgsz"]  # given wins, key by key
+    gpu = nas.study.device_proxy("cuda")
+    assert (gpu["epochs"], gpu["imgsz"]) == (ProxyConfig().epochs, ProxyConfig().imgsz) == (60, 160)
+    monkeypatch.setitem(nas.study.settings.DEVICE_PROXY, "cpu", {"epochs": 7, "imgsz": 96})
+    resumed, _ = nas.study.prepare_study(replace(settings, name="cpu", proxy=None))
+    assert resumed.proxy == new.proxy  # stored resolved: a change of defaults never reaches a resumed study
+    later, _ = nas.study.prepare_study(replace(settings, name="later", proxy=None))
+    assert (later.proxy["epochs"], later.proxy["imgsz"]) == (7, 96)  # ...and does reach a new one
+
+
 def test_default_workers_are_two_single_threaded_ones_only_for_the_demo_on_a_cpu(settings, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert nas.study.default_workers(settings, demo=True) == 2
