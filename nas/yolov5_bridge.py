@@ -278,19 +278,41 @@ def format_model_yaml(cfg: dict, header: list[str]) -> str:
     return text
 
 
+# The one bound method a YOLOv5 checkpoint holds: fuse() sets a fused Conv's `forward = forward_fuse`
+# (models/yolo.py BaseModel.fuse), which pickles as builtins.getattr(module, "forward_fuse").
+_BOUND_METHODS = ("forward_fuse",)
+
+
+def _bound_method_getter(classes: tuple[type, ...]):
+    """The stand-in for builtins.getattr a checkpoint may call: a method of `_BOUND_METHODS` that the class of an
+    instance of `classes` defines, bound to that instance; anything else raises pickle.UnpicklingError. Real getattr
+    would hand the file any attribute of anything it holds (a method's __func__ and its __globals__, a class's
+    __init__), to be stored in the model and called by whoever uses it next. Named builtins.getattr, the global
+    the unpickler looks up."""
+
+    def getattr_checked(obj, name, *default):
+        if name not in _BOUND_METHODS or not isinstance(obj, classes) or default \
+                or not callable(inspect.getattr_static(type(obj), name, None)):
+            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL builtins.getattr called as getattr("
+                                         f"{type(obj).__name__}, {name!r}); only a fused Conv's forward_fuse is read")
+        return getattr(obj, name)
+
+    getattr_checked.__module__, getattr_checked.__qualname__ = "builtins", "getattr"
+    return getattr_checked
+
+
 def _checkpoint_classes(yolo, common) -> list:
     """What a YOLOv5 checkpoint may build: the classes the import root's models/yolo.py and models/common.py define,
-    torch.nn's modules, the numpy scalar types YOLOv5 stores (best_fitness), and getattr (bound methods of a fused
-    model)."""
+    torch.nn's modules, the numpy scalar types YOLOv5 stores (best_fitness), and a getattr that reads only a fused
+    Conv's bound `forward_fuse` (`_bound_method_getter`)."""
     import numpy as np
 
-    allowed = [obj for module in (yolo, common) for _, obj in inspect.getmembers(module, inspect.isclass)
-               if obj.__module__ == module.__name__]
-    allowed += [obj for _, obj in inspect.getmembers(nn.modules, inspect.isclass) if issubclass(obj, nn.Module)]
+    yolov5 = [obj for module in (yolo, common) for _, obj in inspect.getmembers(module, inspect.isclass)
+              if obj.__module__ == module.__name__]
+    torch_nn = [obj for _, obj in inspect.getmembers(nn.modules, inspect.isclass) if issubclass(obj, nn.Module)]
     multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
-    # getattr: a fused Conv's `forward = forward_fuse` is pickled as getattr(module, "forward_fuse"); the restricted
-    # unpickler calls only allowed globals, so what getattr returns can be stored but never called
-    return [*allowed, set, getattr, np.dtype, multiarray.scalar,
+    getter = _bound_method_getter(tuple(obj for obj in yolov5 if issubclass(obj, nn.Module)))
+    return [*yolov5, *torch_nn, set, getter, np.dtype, multiarray.scalar,
             *{type(np.dtype(t)) for t in ("float64", "float32", "int64")}]
 
 

@@ -68,7 +68,8 @@ from nas.study.trial import FUSION_TOLERANCE, TrialRecorder, TrialRejected, run_
 from nas.study.workers import EXIT_STOPPED, worker_main
 
 __all__ = [
-    "DEFAULTS", "DEMO", "DEVICE_PROXY", "EXIT_ORPHANED", "EXIT_STOPPED", "FROZEN", "FUSION_TOLERANCE", "HEARTBEAT_S", "MAX_REQUEUES",
+    "DEFAULTS", "DEMO", "DEVICE_PROXY", "EXIT_ORPHANED", "EXIT_STOPPED", "FROZEN", "FUSION_TOLERANCE", "HEARTBEAT_S",
+    "MAX_REQUEUES",
     "NOT_COUNTED", "SETTINGS_ATTR", "STORED", "WEIGHT_FILES", "Heartbeat", "InvalidStudyName", "SearchStopped",
     "StudyError", "StudySettings", "TrialRecorder", "TrialRejected", "add_result", "check_settings",
     "check_study_name", "claim_trial", "clean_study", "clean_weights", "companion", "counts", "create_or_load_study",

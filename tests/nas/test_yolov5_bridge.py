@@ -270,3 +270,49 @@ def test_the_script_runs_on_its_own_file(tmp_path):
     out = subprocess.run([sys.executable, "-I", str(path), "--help"], capture_output=True, text=True, timeout=120,
                          cwd=tmp_path)
     assert out.returncode == 0 and "to-yolov5" in out.stdout and "from-yolov5" in out.stdout
+
+
+class _ReadAttr:
+    """Pickles as builtins.getattr(obj, name): what a crafted checkpoint would hold to read any attribute."""
+
+    def __init__(self, obj, name):
+        self.obj, self.name = obj, name
+
+    def __reduce__(self):
+        return getattr, (self.obj, self.name)
+
+
+def test_a_checkpoint_may_read_a_fused_convs_forward_fuse_and_no_other_attribute(tmp_path, monkeypatch):
+    """The weights-only read allows getattr only as YOLOv5's fuse() leaves it (forward = forward_fuse of a module of
+    models/common.py): a file that reads any other attribute (a method's __globals__, a class's __init__) is refused
+    unread, as real getattr would hand it the interpreter's internals."""
+    import types
+
+    bridge = _bridge_module()
+    common = types.ModuleType("fake_yolov5_common")
+
+    class Conv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+
+        def forward_fuse(self, x):
+            return self.conv(x)
+
+    Conv.__module__, Conv.__qualname__ = common.__name__, "Conv"
+    common.Conv = Conv
+    monkeypatch.setitem(sys.modules, common.__name__, common)
+    fused = Conv()
+    fused.forward = fused.forward_fuse  # as models/yolo.py BaseModel.fuse()
+    torch.save({"model": fused}, tmp_path / "fused.pt")
+    loaded = bridge._load_checkpoint(str(tmp_path / "fused.pt"), common, common)["model"]
+    assert loaded.forward.__func__ is Conv.forward_fuse and loaded.forward.__self__ is loaded
+    x = torch.randn(1, 3, 4, 4)
+    assert torch.equal(loaded(x), loaded.conv(x))
+    for name, crafted in {"function": _ReadAttr(_ReadAttr(fused, "forward_fuse"), "__func__"),  # then __globals__
+                          "init": _ReadAttr(fused, "__init__"),
+                          "class": _ReadAttr(Conv, "forward_fuse"),  # a class's, not a module instance's
+                          "default": _ReadAttr(torch.nn.ReLU(), "forward_fuse")}.items():  # no such method
+        torch.save({"model": fused, "x": crafted}, tmp_path / f"{name}.pt")
+        with pytest.raises(bridge.BridgeError, match=r"refused unread .*getattr"):
+            bridge._load_checkpoint(str(tmp_path / f"{name}.pt"), common, common)
