@@ -46,6 +46,7 @@ SEED = {"P1_depth": 1, "P1_width": 16, "P1_se": False, "P2_depth": 2, "P2_width"
 
 # Reference and confirm budgets on the host study (the default --data proxy otherwise: lr0, loss, val_every 5).
 REFERENCE = {"epochs": 120, "imgsz": 160, "seeds": (0, 1)}
+PRODUCT_METRIC = "last"  # what a study ranks on today: the last validation's mAP50-95
 REFERENCE_BAR = 0.8  # the reference's own seed-to-seed τ-b must reach this (issue 12, item 2)
 # default60 (today's --data default, half the reference's cost) with one seed: the whole evidence is capped at about
 # 12 CPU-hours and its second seed would cost ~1.8 of them (pilot projection)
@@ -442,12 +443,33 @@ def choose(rows: list[dict]) -> tuple[dict | None, str]:
         return best, (f"{best['proxy']} ({best['metric']}): the cheapest proxy meeting τ-b >= {BARS['tau_b']} and "
                       f"seed-to-seed τ-b >= {BARS['seed_tau']} at cost {best['cost']:.3f} <= {MAX_COST}")
     best = max(cands, key=lambda r: (r["tau_b"], -r["cost"]))
+    best, metric_note = _metric_rule(best, rows)
     short = [f"τ-b {best['tau_b']:.3f} < {BARS['tau_b']}" if best["tau_b"] < BARS["tau_b"] else "",
              ("one training seed: seed-to-seed τ-b not measured" if math.isnan(best["seed_tau"]) else
               f"seed-to-seed τ-b {best['seed_tau']:.3f} < {BARS['seed_tau']}")
              if not best["seed_tau"] >= BARS["seed_tau"] else ""]
     return best, (f"{best['proxy']} ({best['metric']}): no proxy meets the bars; the highest τ-b at cost <= "
-                  f"{MAX_COST} ({best['cost']:.3f}); shortfall: {', '.join(x for x in short if x)}")
+                  f"{MAX_COST} ({best['cost']:.3f}){metric_note}; shortfall: {', '.join(x for x in short if x)}")
+
+
+def _metric_rule(best: dict, rows: list[dict]) -> tuple[dict, str]:
+    """The ranking metric: the product's (PRODUCT_METRIC, the last validation's mAP50-95, what every table shows)
+    unless another metric of the same proxy beats it by a paired-bootstrap interval that excludes 0 (the issue's
+    rule for one row beating another). Returns the row chosen and what was said about the switch."""
+    from nas.fidelity import paired_difference
+
+    if best["metric"] == PRODUCT_METRIC:
+        return best, ""
+    product = next((r for r in rows if r["proxy"] == best["proxy"] and r["metric"] == PRODUCT_METRIC
+                    and "tau_b" in r), None)
+    if product is None:
+        return best, ""
+    diff, interval = paired_difference(best["scores"], product["scores"], best["reference"])
+    low, high = interval.low, interval.high
+    if low > 0:
+        return best, f", and its {best['metric']} beats {PRODUCT_METRIC} by {diff:.3f} [{low:.2f}, {high:.2f}]"
+    return product, (f"; its {best['metric']} ranks higher (τ-b {best['tau_b']:.3f}) but not by an interval that "
+                     f"excludes 0 ({diff:+.3f} [{low:.2f}, {high:.2f}]), so the ranking metric stays {PRODUCT_METRIC}")
 
 
 def versus(best: dict, rows: list[dict]) -> list[tuple[str, str, float, float, float]]:
