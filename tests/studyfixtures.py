@@ -46,11 +46,13 @@ def make_tiny_assets(root: Path, *, images: int = 16, space: dict | None = None,
 
 
 def tiny_settings(assets: dict[str, Path], **changes) -> StudySettings:
-    """Study "tiny" on `assets`: 3 trials, random sampler, 1 epoch at 64 px batch 8, latency at 64 px on the CPU
+    """Study "tiny" on `assets`: 3 trials, random sampler, 1 epoch at 64 px batch 8 (every proxy key a CPU's defaults
+    would fill given, so a new study says nothing of them), latency at 64 px on the CPU
     (no warmup, 2 iterations, 1 round), at most 3 failures; `changes` replace any field."""
     settings = StudySettings(
         name="tiny", data=str(assets["data"]), space=str(assets["space"]), trials=3, seed=0, sampler="random",
-        proxy={"epochs": 1, "imgsz": 64, "batch": 8, "cache_images": False}, latency_imgsz=64, device="cpu",
+        proxy={"epochs": 1, "imgsz": 64, "batch": 8, "cache_images": False, "val_every": 5}, latency_imgsz=64,
+        device="cpu",
         latency={"warmup": 0, "iters": 2, "rounds": 1}, baseline=str(assets["baseline"]), max_failures=3,
     )
     return replace(settings, **changes)

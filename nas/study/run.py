@@ -19,8 +19,9 @@ from nas.device import resolve_device
 from nas.files import write_text_atomic
 from nas.study.attrs import BASELINE_PARAMS_KEY, FAIL_REASON_KEY, PRUNED_REASON_KEY, REQUEUED_FROM_KEY, counts
 from nas.study.leases import MAX_REQUEUES, Heartbeat, claim_trial, recover_stale_trials, requeue
-from nas.study.report import clean_weights, export_files, trial_line
+from nas.study.report import clean_weights, export_files, proxy_summary, trial_line
 from nas.study.settings import (
+    DEVICE_PROXY,
     SearchStopped,
     StudySettings,
     check_settings,
@@ -67,6 +68,19 @@ def prepare_study(settings: StudySettings, *, force: bool = False, enqueue: Sequ
     if measure is None:
         return settings, create_or_load_study(settings, enqueue=enqueue)
     return settings, create_or_load_study(settings, enqueue=enqueue, measure=measure)
+
+
+def device_proxy_line(settings: StudySettings, given_proxy: dict) -> str | None:
+    """What a new --data study says once when its device type's proxy defaults (DEVICE_PROXY) filled keys the user
+    did not give; None when none did."""
+    kind = resolve_device(settings.device).type
+    filled = [k for k in DEVICE_PROXY.get(kind, {}) if k not in given_proxy]
+    if not filled:
+        return None
+    options = " ".join(f"--{k.replace('_', '-')}" for k in filled)
+    return (f"study {settings.name}: proxy {proxy_summary(settings.proxy)} ({', '.join(filled)}: the {kind.upper()} "
+            f"defaults of nas.study.settings.DEVICE_PROXY, chosen in benchmarks/RESULTS.md 'Proxy fidelity'; "
+            f"{options} to change)")
 
 
 def default_workers(settings: StudySettings, *, demo: bool, devices: Sequence[str] = ()) -> int:
@@ -116,8 +130,13 @@ def run_search(settings: StudySettings, *, report: Callable[[str], None] | None 
         from nas.study.workers import measure_baseline_in_worker, worker_gpu
 
         measure = partial(measure_baseline_in_worker, gpu=worker_gpu(settings, devices, 0), threads=threads)
+    given_proxy = settings.proxy or {}
     settings, study = prepare_study(settings, force=force, enqueue=enqueue, latency_threads=threads,
                                     measure=measure)
+    if stored is None and not demo and not settings.quiet:  # quiet: the trials' lines only
+        said = device_proxy_line(settings, given_proxy)
+        if said:
+            report(said)
     stale = recover_stale_trials(study, settings.stale_after)
     requeued = {t.user_attrs.get(REQUEUED_FROM_KEY) for t in study.get_trials(deepcopy=False, states=(
         TrialState.WAITING,))} if stale else set()

@@ -148,6 +148,10 @@ def test_a_new_data_study_on_a_cpu_takes_the_cpu_proxy_and_a_resumed_one_keeps_i
     assert new.proxy == resolved_proxy({"batch": 8, "cache_images": False}, nas.study.device_proxy("cpu"))
     given, _ = nas.study.prepare_study(replace(settings, name="given", proxy={"epochs": 3}))
     assert given.proxy["epochs"] == 3 and given.proxy["imgsz"] == cpu["imgsz"]  # given wins, key by key
+    said = nas.study.run.device_proxy_line(new, {"batch": 8})  # said once, when a new study starts
+    assert said.startswith("study cpu: proxy 20 epochs at 128 px, batch 8,") and "--epochs --imgsz --val-every" in said
+    assert "(imgsz, val_every: the CPU defaults" in nas.study.run.device_proxy_line(given, {"epochs": 3})
+    assert nas.study.run.device_proxy_line(given, {"epochs": 3, "imgsz": 96, "val_every": 2}) is None
     gpu = nas.study.device_proxy("cuda")
     assert (gpu["epochs"], gpu["imgsz"]) == (ProxyConfig().epochs, ProxyConfig().imgsz) == (60, 160)
     monkeypatch.setitem(nas.study.settings.DEVICE_PROXY, "cpu", {"epochs": 7, "imgsz": 96})
@@ -155,6 +159,20 @@ def test_a_new_data_study_on_a_cpu_takes_the_cpu_proxy_and_a_resumed_one_keeps_i
     assert resumed.proxy == new.proxy  # stored resolved: a change of defaults never reaches a resumed study
     later, _ = nas.study.prepare_study(replace(settings, name="later", proxy=None))
     assert (later.proxy["epochs"], later.proxy["imgsz"]) == (7, 96)  # ...and does reach a new one
+
+
+def test_a_new_study_says_once_which_proxy_keys_the_cpu_defaults_filled(settings):
+    proxy = {k: v for k, v in settings.proxy.items() if k != "val_every"}
+    lines: list[str] = []
+    run_search(replace(settings, trials=1, quiet=False, proxy=proxy), report=lines.append)
+    assert lines[0].startswith("study tiny: proxy 1 epoch at 64 px, batch 8, AdamW lr0 0.002, validated every 4 epochs")
+    assert "(val_every: the CPU defaults of nas.study.settings.DEVICE_PROXY" in lines[0] and "--val-every" in lines[0]
+    assert len([line for line in lines if "DEVICE_PROXY" in line]) == 1
+    assert [line for line in lines if line.startswith("trial    0 COMPLETE")]
+    lines.clear()
+    run_search(replace(settings, trials=2, quiet=False, proxy=proxy), report=lines.append)  # resumed: not said
+    assert not [line for line in lines if "DEVICE_PROXY" in line]
+    assert [line for line in lines if line.startswith("trial    1 COMPLETE")]
 
 
 def test_default_workers_are_two_single_threaded_ones_only_for_the_demo_on_a_cpu(settings, monkeypatch):
