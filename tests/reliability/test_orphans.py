@@ -33,7 +33,7 @@ from tests.nas.conftest import assets, settings  # noqa: F401  (fixtures: tiny s
 pytestmark = pytest.mark.slow
 
 TRIALS = 4
-EPOCHS = 8  # long enough (seconds a trial) that both workers are seen inside trials at once
+EPOCHS = 16  # long enough (seconds a trial) that both workers are seen inside trials at once (8 missed it 1 run in 4)
 EXIT_WITHIN_S = 10.0  # bound on a worker's exit after its coordinator's death (the kernel's signal is immediate)
 
 
