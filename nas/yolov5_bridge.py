@@ -22,10 +22,9 @@ relative; a failed check writes nothing.
 torch >= 2.6: YOLOv5 7.0's loaders (val.py, detect.py, export.py, train.py --weights) call torch.load with its
 default, which is weights-only from torch 2.6, so they refuse every pickled checkpoint, YOLOv5's own and this
 script's output alike. Use them with torch < 2.6, or with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 for files you trust.
-This script reads a YOLOv5
-checkpoint weights-only itself (torch >= 2.5): torch's restricted unpickler, which builds only the classes allowed
-here (YOLOv5's model modules of the import root in use, torch.nn's modules, numpy scalars) and never calls anything
-else, so a file holding other code is refused, not run.
+This script reads a YOLOv5 checkpoint weights-only itself (torch >= 2.5): torch's restricted unpickler, which builds
+only the classes allowed here (YOLOv5's model modules of the import root in use, torch.nn's modules, numpy scalars)
+and reads no attribute but a fused Conv's forward_fuse, so a file holding other code is refused, not run.
 """
 
 from __future__ import annotations
