@@ -215,7 +215,7 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help=f"sampler seed (default {DEFAULTS['seed']})")
     p.add_argument("--sampler", choices=SAMPLERS, help=f"sampler (default {DEFAULTS['sampler']})")
     p.add_argument("--epochs", type=positive_int,
-                   help=f"proxy training epochs (default {proxy.epochs}; on a CPU {cpu['epochs']}, see "
+                   help=f"proxy training epochs (default {proxy.epochs}; on a CPU {cpu['epochs']}, see benchmarks/"
                         f"RESULTS.md 'Proxy fidelity'; the demo {demo['epochs']})")
     p.add_argument("--imgsz", type=imgsz, help=f"proxy training and validation size (default {proxy.imgsz}; on a "
                                                f"CPU {cpu['imgsz']}; the demo {demo['imgsz']})")
