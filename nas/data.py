@@ -333,6 +333,8 @@ class SplitIndex:
     misplaced: tuple[LabelLookup, ...] = ()
     case_only: tuple[LabelLookup, ...] = ()
     orphans: tuple[Path, ...] = ()  # label files in the split's label folders that no image matches
+    # note -> the files it happened in, in index order: the label file for a label note, else the image
+    note_files: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def boxes(self) -> int:
@@ -352,8 +354,17 @@ class _Bad(Exception):
     """A file that cannot be used; the message is the reason."""
 
 
+LABEL_NOTES = ("label lines clipped", "duplicate labels dropped")  # notes about a label file (others: the image)
+
+
+def _files_text(files: tuple[str, ...], shown: int = 3) -> str:
+    """'a, b, c and 4 more files' (the first `shown` of `files`)."""
+    more = f" and {len(files) - shown} more files" if len(files) > shown else ""
+    return ", ".join(files[:shown]) + more
+
+
 def _parse_labels(text: str, nc: int) -> tuple[np.ndarray, dict[str, int]]:
-    rows, notes = [], {"label lines clipped": 0, "duplicate labels dropped": 0}
+    rows, notes = [], dict.fromkeys(LABEL_NOTES, 0)
     for n, line in enumerate(text.splitlines(), 1):
         tokens = line.split()
         if not tokens:
@@ -530,7 +541,7 @@ def _index(images: Sequence[Path], nc: int, split: str, where: str, workers: int
         orphans = _orphan_labels(lookups)
     finally:
         _LISTINGS.reset(token)
-    records, skipped, notes, misplaced, case_only = [], [], {}, [], []
+    records, skipped, notes, misplaced, case_only, note_files = [], [], {}, [], [], {}
     for image, lookup, (record, reason), note in zip(images, lookups, cached["results"], cached["notes"]):
         if record is None:
             skipped.append((str(image), reason))
@@ -543,7 +554,10 @@ def _index(images: Sequence[Path], nc: int, split: str, where: str, workers: int
             case_only.append(lookup)
         for k, v in note.items():
             notes[k] = notes.get(k, 0) + v
-    return SplitIndex(tuple(records), tuple(skipped), notes, tuple(misplaced), tuple(case_only), tuple(orphans)), key
+            where = lookup.used if k in LABEL_NOTES and lookup.used is not None else image
+            note_files.setdefault(k, []).append(str(where))
+    return SplitIndex(tuple(records), tuple(skipped), notes, tuple(misplaced), tuple(case_only), tuple(orphans),
+                      {k: tuple(v) for k, v in note_files.items()}), key
 
 
 def _require_usable(index: SplitIndex, split: str, where: str) -> None:
@@ -554,8 +568,9 @@ def _require_usable(index: SplitIndex, split: str, where: str) -> None:
 
 
 def _report(index: SplitIndex, key: str, split: str, summary: bool = True) -> None:
-    """Log a split's skipped files, label files misplaced or without an image, and conversions (once per process
-    for the same content; an orphan label file once, though splits share its folder), and its summary line."""
+    """Log a split's skipped files, label files misplaced or without an image, conversions, clipped label lines and
+    dropped duplicates with their files (once per process for the same content; an orphan label file once, though
+    splits share its folder), and its summary line."""
     first_time = (key, split) not in _WARNED
     _WARNED.add((key, split))
     if first_time:
@@ -568,9 +583,9 @@ def _report(index: SplitIndex, key: str, split: str, summary: bool = True) -> No
         if orphans:
             LOG.warning("%s split: %d label files have no image (e.g. %s); they are ignored", split, len(orphans),
                         orphans[0])
-        for note, count in sorted(index.notes.items()):
-            if "converted" in note:
-                LOG.warning("%s split: %d %s", split, count, note.replace("images", "image(s)"))
+        for note, count in sorted(index.notes.items()):  # every conversion, clip and drop, with its files
+            LOG.warning("%s split: %d %s in %s", split, count, note.replace("images", "image(s)"),
+                        _files_text(index.note_files.get(note, ())))
     if summary:
         _info_once(index.summary(split), about=(key, split))
 

@@ -328,7 +328,9 @@ def test_tiny_overshoot_is_clipped_not_skipped(tmp_path: Path, logs) -> None:
     assert cx - w / 2 == pytest.approx(0.795, abs=1e-6)  # the left edge is untouched
     assert index.skipped == ()
     assert index.notes == {"label lines clipped": 1}
+    assert index.note_files == {"label lines clipped": (str(label_path(image)),)}
     assert any("1 label lines clipped" in m for m in infos_of(logs))
+    assert f"train split: 1 label lines clipped in {label_path(image)}" in warnings_of(logs)  # the file, said once
 
 
 def test_duplicate_label_lines_are_dropped(tmp_path: Path, logs) -> None:
@@ -340,6 +342,7 @@ def test_duplicate_label_lines_are_dropped(tmp_path: Path, logs) -> None:
     assert sorted(record.labels[:, 0].tolist()) == [0, 1]
     assert index.notes == {"duplicate labels dropped": 2}
     assert any("2 duplicate labels dropped" in m for m in infos_of(logs))
+    assert f"train split: 2 duplicate labels dropped in {label_path(image)}" in warnings_of(logs)
 
 
 def test_missing_labels_folder_raises(tmp_path: Path) -> None:

@@ -199,9 +199,10 @@ def test_the_index_says_each_conversion_once_per_kind_and_names_each_skipped_fil
     assert warnings == [
         f"{folder / 'float.tif'}: skipped: 32-bit float image (mode F, stored as F;32F, values 2.5..2.5) has no 8-bit "
         "reading in YOLOv5's cv2.imread; scale it to 0..255 and save it as an 8-bit PNG or JPEG",
-        "train split: 2 16-bit image(s) converted to 8-bit (high byte)",
-        "train split: 1 CMYK image(s) converted to RGB (ink formula, ICC profile ignored)",
-        "train split: 1 greyscale image(s) converted to RGB",
+        f"train split: 2 16-bit image(s) converted to 8-bit (high byte) in {folder / 'deep1.png'}, "
+        f"{folder / 'deep2.png'}",
+        f"train split: 1 CMYK image(s) converted to RGB (ink formula, ICC profile ignored) in {folder / 'ink.tif'}",
+        f"train split: 1 greyscale image(s) converted to RGB in {folder / 'deep1.png'}",
     ]
     assert any(m.startswith("train: 4 images, 4 boxes, 0 backgrounds, 1 skipped") for m in
                [r.getMessage() for r in caplog.records if r.levelno == logging.INFO])
