@@ -25,6 +25,7 @@ from nas.study.attrs import (
     FAIL_REASON_KEY,
     FILES_KEY,
     GFLOPS_DEPLOY_KEY,
+    GFLOPS_IMGSZ_KEY,
     LATENCY_MEASURED_MS_KEY,
     LATENCY_MS_KEY,
     LATENCY_RATIO_KEY,
@@ -106,7 +107,8 @@ def why(t: FrozenTrial) -> str:
 
 
 def trial_line(t: FrozenTrial) -> str:
-    """One printed line per finished trial."""
+    """One printed line per finished trial; its deploy GFLOPs column names the image size they were counted at
+    (`GFLOPs@640`: the latency input size, not the training imgsz)."""
     a = t.user_attrs
 
     def num(key: str, fmt: str) -> str:
@@ -114,10 +116,11 @@ def trial_line(t: FrozenTrial) -> str:
         return format(value, fmt) if value is not None else "-"
 
     seconds = sum((a.get(SECONDS_KEY) or {}).values())
+    gflops = f"GFLOPs@{a[GFLOPS_IMGSZ_KEY]}" if a.get(GFLOPS_IMGSZ_KEY) else "GFLOPs"
     reason = why(t)
     return (f"trial {t.number:>4} {t.state.name:<8} mAP50-95 {num(MAP50_95_KEY, '.4f'):>7} "
             f"mAP50 {num(MAP50_KEY, '.4f'):>7} latency {num(LATENCY_MS_KEY, '.3f'):>8} ms "
-            f"ratio {num(LATENCY_RATIO_KEY, '.3f'):>6} GFLOPs {num(GFLOPS_DEPLOY_KEY, '.3f'):>8} {seconds:>7.1f} s"
+            f"ratio {num(LATENCY_RATIO_KEY, '.3f'):>6} {gflops} {num(GFLOPS_DEPLOY_KEY, '.3f'):>8} {seconds:>7.1f} s"
             + (f"  {reason}" if reason else ""))
 
 
