@@ -78,7 +78,9 @@ def corrupt_line_error(path: Path, number: int, why: str) -> StorageError:
 
 
 def io_error(path: Path, doing: str, err: OSError, *, study: str | None = None) -> StorageError:
-    """`err` (from `doing` on `path`) as a StorageError with the fix its errno calls for."""
+    """`err` (from `doing` on `path`) as a StorageError with the fix its errno calls for, and with `study` given,
+    the command that goes on: `repnas resume` for a search, the same `repnas confirm` for a confirmation (both
+    write to this journal)."""
     what = f"{path}: could not {doing}: {err.strerror or err} [errno {err.errno}]"
     if err.errno in (errno.EACCES, errno.EPERM):
         fix = (f"give this user read and write access to {path} and its folder (e.g. `chmod u+rw {path}`), or run "
@@ -90,7 +92,7 @@ def io_error(path: Path, doing: str, err: OSError, *, study: str | None = None) 
     else:
         fix = f"check the disk of {path.parent} (the kernel log says more) and free space on it"
     if study is not None:
-        fix += f", then run `repnas resume {study}`"
+        fix += f", then run `repnas resume {study}` or, for a confirmation, the same `repnas confirm {study} ...` again"
     return StorageError(f"{what}; {fix}")
 
 

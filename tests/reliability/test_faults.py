@@ -338,8 +338,9 @@ def test_a_full_disk_or_an_io_error_during_an_append_is_one_line_and_the_resume_
     fix = ("free space on the disk of results/tiny" if code == errno.ENOSPC else
            "check the disk of results/tiny (the kernel log says more) and free space on it")
     expected = (f"repnas resume: error: results/tiny/study.log: could not append to the study journal: "
-                f"{os.strerror(code)} [errno {code}]; {fix}, then run `repnas resume tiny` (the partial record was "
-                "undone; every record before it is intact)")
+                f"{os.strerror(code)} [errno {code}]; {fix}, then run `repnas resume tiny` or, for a "
+                "confirmation, the same `repnas confirm tiny ...` again (the partial record was undone; every record "
+                "before it is intact)")
     resumed, _ = _cli(["resume", "tiny", "--quiet"], capsys)
     trials = optuna.load_study(study_name="tiny", storage=nas.study.storage_for(settings)).trials
     _handled(reliability_report, kind, failed == 2 and err == [expected] and undone and resumed == 0)

@@ -110,7 +110,9 @@ def test_sigkill_then_resume_loses_nothing(phase, occurrence, settings, tmp_path
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"repnas search: error: {journal}: could not append to the "
                                                        "study journal: No space left on device"), proc.stderr[-3000:]
-        assert f"run `repnas resume {settings.name}` (the partial record was undone" in lines[0], lines[0]
+        name = settings.name
+        assert (f"run `repnas resume {name}` or, for a confirmation, the same `repnas confirm {name} ...` again (the "
+                "partial record was undone") in lines[0], lines[0]
         assert journal.read_bytes().endswith(b"\n")
     else:
         assert proc.returncode == -9, \

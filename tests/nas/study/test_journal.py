@@ -197,7 +197,8 @@ def test_a_failed_append_is_undone_and_names_the_file_and_the_fix(tmp_path, monk
     assert str(caught.value) == (
         f"{path}: could not append to the study journal: {os.strerror(code)} [errno {code}]; {fix} {path.parent}"
         + (" (the kernel log says more) and free space on it" if code == errno.EIO else "")
-        + f", then run `repnas resume {NAME}` (the partial record was undone; every record before it is intact)")
+        + f", then run `repnas resume {NAME}` or, for a confirmation, the same `repnas confirm {NAME} ...` again (the "
+          "partial record was undone; every record before it is intact)")
     assert path.read_bytes() == before and not _torn(path)
     study.set_user_attr("later", 2)  # space is back: the study goes on
     assert _attrs(tmp_path) == {**{f"a{i}": i for i in range(5)}, "later": 2}
@@ -340,7 +341,8 @@ def test_a_repair_that_cannot_write_the_moved_aside_file_changes_nothing(tmp_pat
 
     monkeypatch.setattr(nas.study.journal, "write_bytes_atomic", full)
     with pytest.raises(StorageError, match=r"could not repair the end of the study journal: No space left on device "
-                                           r"\[errno 28\]; free space on the disk of .*, then run `repnas resume j`$"):
+                                           r"\[errno 28\]; free space on the disk of .*, then run `repnas resume j` "
+                                           r"or, for a confirmation, the same `repnas confirm j \.\.\.` again$"):
         storage_for(_settings(tmp_path), repair=True)
     assert path.read_bytes() == before and not _torn(path)  # still torn: the next writer tries again
 
