@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from nas.device import gpu_identity, gpu_lock
-from nas.onnx_export import _Decoded
+from nas.onnx_export import DecodedOutput
 from space.errors import RepnasError
 
 NOISY_SPREAD = 1.3  # p90 / median above this: the machine was busy while timing (a quiet one stays near 1.05)
@@ -286,7 +286,7 @@ def warmup_passes(cfg: LatencyConfig, device: torch.device) -> int:
 def deploy_copy(model: nn.Module, x: torch.Tensor, cfg: LatencyConfig) -> nn.Module:
     """What every backend times: a copy of `model` returning only its decoded output (B, N, 5 + nc), no NMS
     (`nas.onnx_export`'s graph), in eval mode on `x`'s device; on CUDA in fp16 and channels_last as `cfg` says."""
-    net = _Decoded(copy.deepcopy(model)).eval().to(x.device)
+    net = DecodedOutput(copy.deepcopy(model)).eval().to(x.device)
     if x.is_cuda:
         if cfg.half:
             net.half()

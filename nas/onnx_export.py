@@ -35,8 +35,9 @@ class OnnxUnavailable(RepnasError):
     """onnx or onnxruntime is not installed."""
 
 
-class _Decoded(nn.Module):
-    """The detector's eval output without the raw maps: what deployments consume."""
+class DecodedOutput(nn.Module):
+    """The detector's eval output without the raw maps: what deployments consume, and what every latency backend
+    times (`nas.latency.deploy_copy`). forward: images (B, 3, H, W) -> decoded boxes (B, N, 5 + nc), no NMS."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -84,7 +85,7 @@ def export_onnx(model: nn.Module, path: str | Path, imgsz: int | tuple[int, int]
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = _Decoded(copy.deepcopy(model)).to("cpu", torch.float32).eval()  # the caller's model stays as is
+    wrapped = DecodedOutput(copy.deepcopy(model)).to("cpu", torch.float32).eval()  # the caller's model stays as is
     x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         rows, columns = wrapped(x).shape[1:]  # (1, N, 5 + nc)
@@ -129,7 +130,7 @@ def compare(model: nn.Module, path: str | Path, x: torch.Tensor) -> dict:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
-        want = (model(x)[0] if not isinstance(model, _Decoded) else model(x)).numpy()
+        want = (model(x)[0] if not isinstance(model, DecodedOutput) else model(x)).numpy()
     scale = np.ones(want.shape[-1], dtype=np.float64)
     scale[:4] = max(x.shape[-2:])
     diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
