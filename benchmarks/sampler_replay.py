@@ -223,6 +223,11 @@ def replay_once(table: dict[str, tuple[float, float]], sampler_name: str, seed: 
 
 
 def cmd_replay(proxy: str, dataset: str, seeds: int, ks: list[int]) -> None:
+    """Print (and save to tabular/replay-DATASET-PROXY.json) the median [IQR] hypervolume fraction after each k of
+    `ks` trainings for TPE and random over `seeds` sampler seeds, P(TPE > random) over seed pairs and the two-sided
+    Mann-Whitney U test's p-value (scipy.stats.mannwhitneyu; the samplers' seeds are independent draws)."""
+    from scipy.stats import mannwhitneyu
+
     from nas.pareto import hypervolume
 
     table = load_table(proxy, dataset)
@@ -239,17 +244,26 @@ def cmd_replay(proxy: str, dataset: str, seeds: int, ks: list[int]) -> None:
     kmax = max(ks)
     print(f"tabular replay on {dataset} at proxy {proxy}: {n} Archs, whole-space hypervolume {full:.4f}; "
           f"{seeds} sampler seeds; median [IQR] of hypervolume / whole-space hypervolume after k trainings")
-    print(f"{'k':>3} {'TPE':>22} {'random':>22} {'P(TPE > random)':>16}")
+    print(f"{'k':>3} {'TPE':>22} {'random':>22} {'P(TPE > random)':>16} {'Mann-Whitney p':>14}")
     curves = {s: np.array([replay_once(table, s, seed, kmax) for seed in range(seeds)]) for s in ("tpe", "random")}
+    saved = {"dataset": dataset, "proxy": proxy, "archs": n, "whole_space_hypervolume": full, "sampler_seeds": seeds,
+             "rows": []}
     for k in ks:
-        cells = []
+        cells, row = [], {"k": k}
         for s in ("tpe", "random"):
             v = curves[s][:, k - 1] / full
             q1, med, q3 = np.percentile(v, [25, 50, 75])
             cells.append(f"{med:.3f} [{q1:.3f}, {q3:.3f}]")
+            row[s] = {"median": med, "q1": q1, "q3": q3}
         a, b = curves["tpe"][:, k - 1], curves["random"][:, k - 1]
-        win = float(np.mean(a[:, None] > b[None, :]) + 0.5 * np.mean(a[:, None] == b[None, :]))
-        print(f"{k:>3} {cells[0]:>22} {cells[1]:>22} {win:>16.2f}")
+        test = mannwhitneyu(a, b, alternative="two-sided")  # U / (n1 n2) = P(TPE > random) + P(tie) / 2
+        win = float(test.statistic) / (len(a) * len(b))
+        row["p_tpe_beats_random"], row["mann_whitney_p"] = win, float(test.pvalue)
+        saved["rows"].append(row)
+        print(f"{k:>3} {cells[0]:>22} {cells[1]:>22} {win:>16.2f} {test.pvalue:>14.3f}")
+    out = TAB / f"replay-{dataset}-{proxy}.json"
+    out.write_text(json.dumps(saved, indent=1, default=float) + "\n")
+    print(f"saved {out.relative_to(HERE.parent.parent)}")
 
 
 def main() -> None:
