@@ -10,7 +10,7 @@ The tabular space (`TABULAR`) is the small space (space/spaces/small.yaml) with 
 seed among them. `train` runs them through the product's own `repnas search --enqueue` exactly as
 benchmarks/proxy_fidelity.py runs a proxy, and records each run in tabular/runs.jsonl (committed).
 
-`replay` runs an Optuna study per (sampler, sampler seed) whose objective is a table lookup: the trial's Arch is
+`replay` runs an Optuna study per (k, sampler, sampler seed) whose objective is a table lookup: the trial's Arch is
 sampled by the product's own `space.searchspace.sample_arch`, its (mAP50-95, latency) read from the table. As in
 a study, the seed Arch is trained first, an Arch already trained is not trained again (the trial is pruned and does
 not count), and k counts trainings. TPE is configured as `nas.study.storage.make_sampler` configures it for a
@@ -241,21 +241,22 @@ def cmd_replay(proxy: str, dataset: str, seeds: int, ks: list[int]) -> None:
     seed_key = pf.arch_key(Arch.from_params(pf.SEED, tabular_space()).to_params())
     m, lat = zip(*table.values())
     full = hypervolume(m, lat, (0.0, 2.0 * table[seed_key][1]))
-    kmax = max(ks)
     print(f"tabular replay on {dataset} at proxy {proxy}: {n} Archs, whole-space hypervolume {full:.4f}; "
           f"{seeds} sampler seeds; median [IQR] of hypervolume / whole-space hypervolume after k trainings")
     print(f"{'k':>3} {'TPE':>22} {'random':>22} {'P(TPE > random)':>16} {'Mann-Whitney p':>14}")
-    curves = {s: np.array([replay_once(table, s, seed, kmax) for seed in range(seeds)]) for s in ("tpe", "random")}
+    # one replayed study per (k, sampler, seed): TPE is configured for a k-trial study, as `repnas search --trials k`
+    finals = {(k, s): np.array([replay_once(table, s, seed, k)[-1] for seed in range(seeds)])
+              for k in ks for s in ("tpe", "random")}
     saved = {"dataset": dataset, "proxy": proxy, "archs": n, "whole_space_hypervolume": full, "sampler_seeds": seeds,
              "rows": []}
     for k in ks:
         cells, row = [], {"k": k}
         for s in ("tpe", "random"):
-            v = curves[s][:, k - 1] / full
+            v = finals[k, s] / full
             q1, med, q3 = np.percentile(v, [25, 50, 75])
             cells.append(f"{med:.3f} [{q1:.3f}, {q3:.3f}]")
             row[s] = {"median": med, "q1": q1, "q3": q3}
-        a, b = curves["tpe"][:, k - 1], curves["random"][:, k - 1]
+        a, b = finals[k, "tpe"], finals[k, "random"]
         test = mannwhitneyu(a, b, alternative="two-sided")  # U / (n1 n2) = P(TPE > random) + P(tie) / 2
         win = float(test.statistic) / (len(a) * len(b))
         row["p_tpe_beats_random"], row["mann_whitney_p"] = win, float(test.pvalue)
