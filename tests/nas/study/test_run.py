@@ -137,7 +137,7 @@ def test_a_new_study_without_data_is_the_demo(monkeypatch, tmp_path):
 
 
 def test_a_new_data_study_on_a_cpu_takes_the_cpu_proxy_and_a_resumed_one_keeps_its_own(settings, monkeypatch):
-    """--data on a CPU: proxy keys not given take DEVICE_PROXY["cpu"] (issue 12's choice, 20 epochs at 128 px), given
+    """--data on a CPU: proxy keys not given take DEVICE_PROXY["cpu"] (issue 12's choice, 15 epochs at 160 px), given
     keys win, a GPU keeps ProxyConfig's; a stored study resumes on the proxy it stored after the defaults change."""
     from nas.train import ProxyConfig
 
@@ -149,7 +149,7 @@ def test_a_new_data_study_on_a_cpu_takes_the_cpu_proxy_and_a_resumed_one_keeps_i
     given, _ = nas.study.prepare_study(replace(settings, name="given", proxy={"epochs": 3}))
     assert given.proxy["epochs"] == 3 and given.proxy["imgsz"] == cpu["imgsz"]  # given wins, key by key
     said = nas.study.run.device_proxy_line(new, {"batch": 8})  # said once, when a new study starts
-    assert said.startswith("study cpu: proxy 20 epochs at 128 px, batch 8,") and "--epochs --imgsz --val-every" in said
+    assert said.startswith("study cpu: proxy 15 epochs at 160 px, batch 8,") and "--epochs --imgsz --val-every" in said
     assert "(imgsz, val_every: the CPU defaults" in nas.study.run.device_proxy_line(given, {"epochs": 3})
     assert nas.study.run.device_proxy_line(given, {"epochs": 3, "imgsz": 96, "val_every": 2}) is None
     gpu = nas.study.device_proxy("cuda")
@@ -165,7 +165,7 @@ def test_a_new_study_says_once_which_proxy_keys_the_cpu_defaults_filled(settings
     proxy = {k: v for k, v in settings.proxy.items() if k != "val_every"}
     lines: list[str] = []
     run_search(replace(settings, trials=1, quiet=False, proxy=proxy), report=lines.append)
-    assert lines[0].startswith("study tiny: proxy 1 epoch at 64 px, batch 8, AdamW lr0 0.002, validated every 4 epochs")
+    assert lines[0].startswith("study tiny: proxy 1 epoch at 64 px, batch 8, AdamW lr0 0.002, validated every 3 epochs")
     assert "(val_every: the CPU defaults of nas.study.settings.DEVICE_PROXY" in lines[0] and "--val-every" in lines[0]
     assert len([line for line in lines if "DEVICE_PROXY" in line]) == 1
     assert [line for line in lines if line.startswith("trial    0 COMPLETE")]
