@@ -52,7 +52,7 @@ REFERENCE_BAR = 0.8  # the reference's own seed-to-seed τ-b must reach this (is
 # 12 CPU-hours and its second seed would cost ~1.8 of them (pilot projection)
 CONFIRM_ROWS = {"reference": REFERENCE, "default60": {"epochs": 60, "imgsz": 160, "seeds": (0,)}}
 # The host study: 1 epoch at 160 px (also the pilot, and a row of its own); validated every 5 epochs as the synthetic
-# host was (ProxyConfig's default; a CPU's --data default is now 4, nas.study.settings.DEVICE_PROXY), so the confirm
+# host was (ProxyConfig's default; a CPU's --data default is now 3, nas.study.settings.DEVICE_PROXY), so the confirm
 # runs record the same curve epochs on both datasets
 HOST = {"epochs": 1, "imgsz": 160, "val_every": 5}
 
