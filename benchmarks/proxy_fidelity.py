@@ -444,11 +444,10 @@ def choose(rows: list[dict]) -> tuple[dict | None, str]:
                       f"seed-to-seed τ-b >= {BARS['seed_tau']} at cost {best['cost']:.3f} <= {MAX_COST}")
     # each proxy ranks on the product's metric unless another of its metrics earns the switch (_metric_rule); the
     # highest τ-b among those rows wins (ties: the cheaper)
-    per_proxy = {}
-    for proxy in dict.fromkeys(r["proxy"] for r in cands):
-        mine = [r for r in cands if r["proxy"] == proxy]
-        per_proxy[proxy] = _metric_rule(max(mine, key=lambda r: (r["tau_b"], r["metric"] == PRODUCT_METRIC)), rows)
-    best, metric_note = max(per_proxy.values(), key=lambda bn: (bn[0]["tau_b"], -bn[0]["cost"]))
+    finalists = [_metric_rule(max((r for r in cands if r["proxy"] == proxy),
+                                  key=lambda r: (r["tau_b"], r["metric"] == PRODUCT_METRIC)), rows)
+                 for proxy in dict.fromkeys(r["proxy"] for r in cands)]  # table order: ties settle the same way
+    best, metric_note = max(finalists, key=lambda pair: (pair[0]["tau_b"], -pair[0]["cost"]))
     short = [f"τ-b {best['tau_b']:.3f} < {BARS['tau_b']}" if best["tau_b"] < BARS["tau_b"] else "",
              ("one training seed: seed-to-seed τ-b not measured" if math.isnan(best["seed_tau"]) else
               f"seed-to-seed τ-b {best['seed_tau']:.3f} < {BARS['seed_tau']}")

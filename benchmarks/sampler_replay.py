@@ -186,8 +186,9 @@ def _harvest(name: str, proxy: str, dataset: str, archs: dict[str, dict]) -> int
     return len(rows)
 
 
-def replay_once(table: dict[str, tuple[float, float]], sampler_name: str, seed: int, k: int) -> list[float]:
-    """Hypervolume after 1..k trainings of one replayed study (sampler `tpe` or `random`, sampler seed `seed`)."""
+def replay_once(table: dict[str, tuple[float, float]], sampler_name: str, seed: int, k: int) -> float:
+    """Hypervolume after k trainings of one replayed k-trial study (sampler `tpe` or `random`, sampler seed
+    `seed`)."""
     import optuna
 
     from nas.pareto import hypervolume
@@ -204,7 +205,6 @@ def replay_once(table: dict[str, tuple[float, float]], sampler_name: str, seed: 
     study.enqueue_trial(Arch.from_params(pf.SEED, space).to_params())
     trained: list[tuple[float, float]] = []
     seen: set[str] = set()
-    history: list[float] = []
     asks = 0
     while len(trained) < min(k, len(table)) and asks < 200 * k:
         asks += 1
@@ -217,9 +217,8 @@ def replay_once(table: dict[str, tuple[float, float]], sampler_name: str, seed: 
         value = table[key]
         study.tell(trial, list(value))
         trained.append(value)
-        m, lat = zip(*trained)
-        history.append(hypervolume(m, lat, reference))
-    return history
+    m, lat = zip(*trained)
+    return hypervolume(m, lat, reference)
 
 
 def cmd_replay(proxy: str, dataset: str, seeds: int, ks: list[int]) -> None:
@@ -245,7 +244,7 @@ def cmd_replay(proxy: str, dataset: str, seeds: int, ks: list[int]) -> None:
           f"{seeds} sampler seeds; median [IQR] of hypervolume / whole-space hypervolume after k trainings")
     print(f"{'k':>3} {'TPE':>22} {'random':>22} {'P(TPE > random)':>16} {'Mann-Whitney p':>14}")
     # one replayed study per (k, sampler, seed): TPE is configured for a k-trial study, as `repnas search --trials k`
-    finals = {(k, s): np.array([replay_once(table, s, seed, k)[-1] for seed in range(seeds)])
+    finals = {(k, s): np.array([replay_once(table, s, seed, k) for seed in range(seeds)])
               for k in ks for s in ("tpe", "random")}
     saved = {"dataset": dataset, "proxy": proxy, "archs": n, "whole_space_hypervolume": full, "sampler_seeds": seeds,
              "rows": []}
