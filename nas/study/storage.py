@@ -320,8 +320,8 @@ def create_or_load_study(settings: StudySettings, *, enqueue: Sequence[str] = ()
             study.set_user_attr(ENVIRONMENT_KEY, environment())
             study.enqueue_trial(baseline.to_params(), user_attrs={BASELINE_KEY: True}, skip_if_exists=True)
             study.set_user_attr(SETTINGS_KEY, settings_json(settings))  # last: without it, not yet created
-            LOG.info("created study %s: baseline latency %.3f ms (median; p90 %.3f ms) on %s", settings.name,
-                     lat.median_ms, lat.p90_ms, device_label(lat.device))
+            LOG.info("created study %s: baseline latency %.3f ms (median; p90 %.3f ms) at %dx%d px, batch %d, on %s",
+                     settings.name, lat.median_ms, lat.p90_ms, *lat.imgsz, lat.batch, device_label(lat.device))
             if warning:
                 LOG.warning("warning: %s", warning)
     for params in extra:

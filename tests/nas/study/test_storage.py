@@ -89,10 +89,13 @@ def _timings(monkeypatch, spreads: list[float]) -> list[float]:
     return asked
 
 
-def test_a_noisy_baseline_is_measured_again_until_quiet(settings, monkeypatch):
+def test_a_noisy_baseline_is_measured_again_until_quiet(settings, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="repnas.study")
     asked = _timings(monkeypatch, [1.8, 1.5, 1.1, 1.0])
     study = nas.study.create_or_load_study(nas.study.merge_settings(settings, None))
     assert asked == [1.8, 1.5, 1.1]  # stopped at the first quiet one
+    assert ("created study tiny: baseline latency 8.000 ms (median; p90 8.800 ms) at 64x64 px, batch 1, on CPU test"
+            in caplog.text)  # the size and batch it was timed at
     assert study.user_attrs["baseline_latency_ms"] == 8.0  # the quiet measurement is frozen
     assert [t["p90_ms"] / t["median_ms"] for t in study.user_attrs["baseline_latency_tries"]] == (
         pytest.approx([1.8, 1.5, 1.1]))
